@@ -1,0 +1,230 @@
+"""worker.manifests: canonical JSON documents at deterministic keys (moto S3)."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from worker.manifests import (
+    MANIFEST_SCHEMA_VERSION,
+    ItemResult,
+    Manifest,
+    TopK,
+    build_manifest,
+    manifest_key,
+    read_manifest,
+    write_manifest,
+)
+
+BUCKET = "dog-results"
+MODEL = {"name": "vgg16-dogs", "version": "2024.01", "runtime": "onnxruntime"}
+
+
+def ok_item(key: str, score: float = 0.9, *, bucket: str = "dog-photos", timings=None) -> ItemResult:
+    return ItemResult.success(
+        bucket, key,
+        breed="beagle", synset="n02088364", score=score,
+        top_k=[TopK("n02088364", "beagle", score), TopK("n02089973", "English_foxhound", 1 - score)],
+        etag="abc", timings_ms=timings or {"download": 12.5, "decode": 3.25, "infer": 40.0},
+    )
+
+
+def err_item(key: str, *, timings=None) -> ItemResult:
+    return ItemResult.failure(
+        "dog-photos", key, error_code="decode_error", error_message="cannot identify image file",
+        timings_ms=timings or {"download": 1.0},
+    )
+
+
+def items():
+    return [ok_item("b/2.jpg", 0.123456789), err_item("a/broken.jpg"), ok_item("a/1.jpg", 0.75),
+            ok_item("z.jpg", bucket="another-bucket")]
+
+
+# --------------------------------------------------------------------------- #
+# pure functions
+# --------------------------------------------------------------------------- #
+
+def test_manifest_key_is_deterministic():
+    assert manifest_key("results/", "job-1") == "results/job-1.json"
+    assert manifest_key("results", "job-1") == "results/job-1.json"
+    assert manifest_key("results//", "job-1", jsonl=True) == "results/job-1.jsonl"
+    assert manifest_key("a/b/", "0123abcd") == manifest_key("a/b/", "0123abcd")
+    assert manifest_key("", "job-1") == "job-1.json"
+    with pytest.raises(ValueError):
+        manifest_key("results/", "../escape")
+
+
+def test_build_manifest_sorts_items_and_counts():
+    m = build_manifest("job-1", "job", MODEL, items())
+    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 1
+    assert [(it.bucket, it.key) for it in m.items] == [
+        ("another-bucket", "z.jpg"), ("dog-photos", "a/1.jpg"), ("dog-photos", "a/broken.jpg"), ("dog-photos", "b/2.jpg"),
+    ]
+    assert m.counts == {"ok": 3, "error": 1}
+    doc = json.loads(m.to_json())
+    assert doc["counts"] == {"ok": 3, "error": 1}
+    assert doc["job_id"] == "job-1" and doc["source"] == "job" and doc["model"] == MODEL
+
+
+def test_build_manifest_rejects_unknown_status():
+    bad = ItemResult("b", "k.jpg", None, None, "maybe")
+    with pytest.raises(ValueError):
+        build_manifest("job-1", "job", MODEL, [bad])
+
+
+def test_to_json_is_deterministic_regardless_of_item_order():
+    a = build_manifest("job-1", "s3-event", MODEL, items())
+    b = build_manifest("job-1", "s3-event", dict(reversed(list(MODEL.items()))), list(reversed(items())))
+    assert a.to_json() == b.to_json()
+    # also when a Manifest is constructed directly with unsorted items
+    unsorted = [items()[i] for i in (1, 3, 0, 2)]
+    assert [(i.bucket, i.key) for i in unsorted] != sorted((i.bucket, i.key) for i in unsorted)
+    direct = Manifest(1, "job-1", "s3-event", MODEL, unsorted, {"ok": 3, "error": 1})
+    assert direct.to_json() == a.to_json()
+    # canonical form: sorted keys, compact separators
+    text = a.to_json()
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_to_json_rounds_scores_to_six_decimals():
+    m = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg", 0.123456789)])
+    item = json.loads(m.to_json())["items"][0]
+    assert item["score"] == 0.123457
+    assert item["top_k"][0] == {"synset": "n02088364", "breed": "beagle", "score": 0.123457}
+    assert item["top_k"][1]["score"] == 0.876543
+    # tiny float noise does not change the bytes
+    noisy = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg", 0.123456789 + 1e-12)])
+    assert noisy.to_json() == m.to_json()
+
+
+def test_timings_excluded_by_default_so_redelivery_is_byte_identical():
+    first = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg", timings={"infer": 41.0}), err_item("b.jpg")])
+    again = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg", timings={"infer": 97.3}), err_item("b.jpg", timings={"download": 5.0})])
+    assert "timings_ms" not in first.to_json()
+    assert "timings_ms" not in first.to_jsonl()
+    assert first.to_json() == again.to_json()
+    # timings stay available in process
+    assert first.items[0].timings_ms == {"infer": 41.0}
+
+
+def test_timings_included_on_request():
+    m = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg", timings={"infer": 41.23456})], include_timings=True)
+    assert json.loads(m.to_json())["items"][0]["timings_ms"] == {"infer": 41.235}
+    plain = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg")])
+    assert "timings_ms" in json.loads(plain.to_json(include_timings=True))["items"][0]
+
+
+def test_to_json_has_no_wall_clock_fields():
+    doc = json.loads(build_manifest("job-1", "job", MODEL, items()).to_json())
+    assert set(doc) == {"schema_version", "job_id", "source", "model", "counts", "items"}
+    assert set(doc["items"][0]) == {"bucket", "key", "etag", "version_id", "status", "error_code", "error_message",
+                                   "breed", "synset", "score", "top_k"}
+
+
+def test_to_jsonl_one_line_per_item():
+    m = build_manifest("job-1", "job", MODEL, items())
+    text = m.to_jsonl()
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    assert len(lines) == 4
+    parsed = [json.loads(line) for line in lines]
+    assert [(d["bucket"], d["key"]) for d in parsed] == [(it.bucket, it.key) for it in m.items]
+    assert all(d["job_id"] == "job-1" for d in parsed)
+    assert [d["status"] for d in parsed].count("error") == 1
+    assert build_manifest("job-1", "job", MODEL, []).to_jsonl() == ""
+
+
+def test_non_finite_scores_are_rejected():
+    m = build_manifest("job-1", "job", MODEL, [ok_item("a.jpg", float("nan"))])
+    with pytest.raises(ValueError):
+        m.to_json()
+
+
+def test_unicode_keys_round_trip_through_json():
+    m = build_manifest("job-1", "job", MODEL, [ok_item("photos/my dogé +1.jpg")])
+    assert Manifest.from_json(m.to_json()).items[0].key == "photos/my dogé +1.jpg"
+
+
+# --------------------------------------------------------------------------- #
+# S3 (moto)
+# --------------------------------------------------------------------------- #
+
+@pytest.fixture
+def s3(monkeypatch):
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECURITY_TOKEN": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+
+
+def test_write_read_round_trip(s3):
+    m = build_manifest("job-1", "s3-event", MODEL, items())
+    key = manifest_key("manifests/", "job-1")
+    write_manifest(s3, BUCKET, key, m)
+
+    obj = s3.get_object(Bucket=BUCKET, Key=key)
+    assert obj["ContentType"] == "application/json"
+    assert obj["Body"].read().decode("utf-8") == m.to_json()
+
+    back = read_manifest(s3, BUCKET, key)
+    assert back.to_json() == m.to_json()
+    assert back.job_id == "job-1" and back.source == "s3-event" and back.model == MODEL
+    assert back.counts == {"ok": 3, "error": 1}
+    assert [(it.key, it.status, it.breed, it.error_code) for it in back.items] == [
+        (it.key, it.status, it.breed, it.error_code) for it in m.items
+    ]
+    assert back.items[1].top_k[0] == TopK("n02088364", "beagle", 0.75)
+
+
+def test_write_uses_a_single_put_object(s3):
+    calls = []
+    s3.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    write_manifest(s3, BUCKET, "m/job-1.json", build_manifest("job-1", "job", MODEL, items()))
+    assert calls == ["PutObject"]
+
+
+def test_second_write_for_same_job_overwrites(s3):
+    prefix = "manifests/"
+    first = build_manifest("job-1", "s3-event", MODEL, [ok_item("a.jpg", timings={"infer": 1.0})])
+    # the redelivered message: same input, different wall-clock timings
+    second = build_manifest("job-1", "s3-event", MODEL, [ok_item("a.jpg", timings={"infer": 99.0})])
+    write_manifest(s3, BUCKET, manifest_key(prefix, first.job_id), first)
+    body_1 = s3.get_object(Bucket=BUCKET, Key=manifest_key(prefix, "job-1"))["Body"].read()
+    write_manifest(s3, BUCKET, manifest_key(prefix, second.job_id), second)
+
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    assert [o["Key"] for o in listing["Contents"]] == ["manifests/job-1.json"]
+    body_2 = s3.get_object(Bucket=BUCKET, Key="manifests/job-1.json")["Body"].read()
+    assert body_1 == body_2
+
+
+def test_write_jsonl(s3):
+    m = build_manifest("job-1", "job", MODEL, items())
+    key = manifest_key("out", "job-1", jsonl=True)
+    write_manifest(s3, BUCKET, key, m, jsonl=True)
+    obj = s3.get_object(Bucket=BUCKET, Key=key)
+    assert key == "out/job-1.jsonl"
+    assert obj["ContentType"] == "application/x-ndjson"
+    assert len(obj["Body"].read().decode("utf-8").splitlines()) == 4
+
+
+def test_read_manifest_rejects_unknown_schema_version(s3):
+    doc = json.loads(build_manifest("job-1", "job", MODEL, items()).to_json())
+    doc["schema_version"] = 99
+    s3.put_object(Bucket=BUCKET, Key="m/job-1.json", Body=json.dumps(doc).encode())
+    with pytest.raises(ValueError):
+        read_manifest(s3, BUCKET, "m/job-1.json")

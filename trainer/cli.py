@@ -1,0 +1,198 @@
+"""``dogbreeds-train``: analyse a dataset, tune, fit, evaluate and publish breed classifiers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "vgg16_scratch_0", "vgg16_scratch_1"]
+PREPROCESSING = ["vgg", "equalize+vgg", "seed"]
+
+
+def data_options(command):
+    """Options shared by every command that reads a dataset and splits it."""
+    options = [
+        click.argument("data"),
+        click.option("--model", "model", type=click.Choice(MODEL_CHOICES), default="vgg16_transfer", show_default=True,
+                     help="Model family (hyper-model) to build."),
+        click.option("--preprocessing", type=click.Choice(PREPROCESSING), default="vgg", show_default=True,
+                     help="vgg: the backbone's own normalisation; equalize+vgg: histogram equalisation first; "
+                          "seed: equalise + [0,1] as in the original design."),
+        click.option("--weights", default="auto", show_default=True,
+                     help="Backbone weights: auto (Keras ImageNet file if cached, else packaged ImageNet weights), "
+                          "imagenet, none (random), or a path / s3:// URI to a weights file."),
+        click.option("--split-file", type=click.Path(exists=True, dir_okay=False),
+                     help="TSV/CSV with relative_path and a split column (train/val/test), or a saved split.json. "
+                          "Default: a seeded stratified split."),
+        click.option("--split-column", default="stanford_split", show_default=True, help="Split column of --split-file."),
+        click.option("--val-fraction", type=float, default=0.15, show_default=True),
+        click.option("--test-fraction", type=float, default=0.15, show_default=True,
+                     help="Only for the stratified split."),
+        click.option("--breeds", help="Comma-separated breed folders or synsets to keep (default: all)."),
+        click.option("--min-photos", type=int, default=0, show_default=True,
+                     help="Keep only breeds with at least this many photos."),
+        click.option("--image-size", type=int, default=224, show_default=True,
+                     help="Model input size (224 for ImageNet backbones; smaller makes scratch models affordable)."),
+        click.option("--augment-copies", type=int, default=2, show_default=True,
+                     help="Augmented copies of each training photo (cached features) for feature families."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="Feature cache (default ~/.cache/dogbreeds)."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def make_config(data, *, model, preprocessing, weights, split_file, split_column, val_fraction, test_fraction, breeds,
+                min_photos, image_size, augment_copies, seed, cache_dir, **extra):
+    from trainer.experiment import RunConfig
+
+    return RunConfig(data=data, model=model, preprocessing=preprocessing, weights=weights, split_file=split_file,
+                     split_column=split_column, val_fraction=val_fraction, test_fraction=test_fraction,
+                     breeds=breeds.split(",") if breeds else None, min_photos=min_photos, image_size=image_size,
+                     augment_copies=augment_copies, seed=seed, cache_dir=cache_dir, **extra)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Train dog breed classifiers (Stanford Dogs layout: DATA/<synset>-<Breed>/*.jpg).
+
+    Typical flow: analyze -> tune (optional) -> fit -> publish. DATA is a local folder or
+    s3://bucket/prefix; S3 endpoints and credentials come from the standard AWS environment
+    (AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
+
+
+@main.command()
+@click.argument("data")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="analysis", show_default=True,
+              help="Folder for report.json and the PNG plots.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which sample photos the sheets show.")
+def analyze(data, out_dir, seed):
+    """Count photos per breed, sizes, colour modes and unreadable files; write report.json and
+    plots (sizes, per-breed counts, preprocessing and augmentation sheets)."""
+    from trainer import data as datasets
+    from trainer.report import write_analysis
+
+    dataset = datasets.find_dataset(data)
+    report = datasets.analyze(dataset)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_analysis(dataset, report, out, seed)
+    (out / "report.json").write_text(json.dumps({k: v for k, v in report.items()}, indent=1))
+    s = report["size_summary"]
+    click.echo(f"{report['photos']} photos, {report['breeds']} breeds "
+               f"({report['per_breed_summary']['min']}-{report['per_breed_summary']['max']} per breed)")
+    click.echo(f"width median {s['width']['median']:.0f} (min {s['width']['min']}, max {s['width']['max']}), "
+               f"height median {s['height']['median']:.0f}")
+    click.echo(f"colour modes: {report['modes']}; formats: {report['formats']}")
+    click.echo(f"unreadable: {len(report['unreadable'])}")
+    for item in report["unreadable"][:20]:
+        click.echo(f"  {item['path']}: {item['code']} ({item['message']})")
+    click.echo(f"wrote {out / 'report.json'} and " + ", ".join(str(p) for p in files.values()))
+
+
+@main.command()
+@data_options
+@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="Where the run is saved (model, split, history, curves, evaluation). Re-running resumes.")
+@click.option("--hp", "hp_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON of hyper-parameters (e.g. best_hyperparameters.json from `tune`); defaults otherwise.")
+@click.option("--set", "hp_set", multiple=True, metavar="NAME=VALUE", help="Set one hyper-parameter (repeatable).")
+@click.option("--epochs", type=int, default=60, show_default=True)
+@click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
+@click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, **options):
+    """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
+    split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
+    from trainer.experiment import fit_run
+
+    hyperparameters = _hyperparameters(hp_file, hp_set)
+    config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
+                         hyperparameters=hyperparameters, **options)
+    run = fit_run(config, Path(run_dir))
+    m = run["metrics"]["test"]
+    click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
+               f"({run['seconds']})")
+    click.echo(f"run saved in {run_dir}")
+
+
+def _hyperparameters(hp_file, hp_set) -> dict:
+    values = {}
+    if hp_file:
+        loaded = json.loads(Path(hp_file).read_text())
+        values.update(loaded.get("best_hyperparameters", loaded))
+    for item in hp_set:
+        name, _, raw = item.partition("=")
+        try:
+            values[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[name] = raw
+    return values
+
+
+@main.command()
+@data_options
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/tuning", show_default=True)
+@click.option("--tuner", type=click.Choice(["random", "hyperband", "bayesian"]), default="random", show_default=True)
+@click.option("--max-trials", type=int, default=20, show_default=True, help="Trial budget (random, bayesian).")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per trial (hyperband: max epochs).")
+@click.option("--overwrite/--resume", default=False, show_default=True, help="Start over or resume a search.")
+def tune(out_dir, tuner, max_trials, epochs, overwrite, **options):
+    """Search hyper-parameters with Keras Tuner; writes trials.jsonl and best_hyperparameters.json
+    (feed it to `fit --hp`)."""
+    from trainer.experiment import prepare
+    from trainer.tuning import tune as run_tune
+
+    prepared = prepare(make_config(**options))
+    summary = run_tune(prepared, Path(out_dir), kind=tuner, max_trials=max_trials, epochs=epochs, overwrite=overwrite)
+    click.echo(f"{summary['trials']} trials in {summary['seconds']}s; best val accuracy {summary['best_val_accuracy']}")
+    click.echo(json.dumps(summary["best_hyperparameters"], indent=1))
+    click.echo(f"wrote {Path(out_dir) / 'best_hyperparameters.json'}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Evaluate on another dataset folder (same breeds); default: the run's test split.")
+def evaluate(run_dir, data):
+    """Evaluate a fitted run on its test split: loss, top-1/top-5, per-breed accuracy,
+    confusion matrix and misclassified photos."""
+    import keras
+
+    from trainer.experiment import evaluate_run, load_run, prepare
+
+    run, config = load_run(Path(run_dir))
+    config.split_file = str(Path(run_dir) / "split.json") if not data else config.split_file
+    if data:
+        config.data = data
+    prepared = prepare(config)
+    model = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
+    result = evaluate_run(prepared, model, Path(run_dir))
+    click.echo(f"top-1 {result.top1:.1%}, top-5 {result.top5:.1%}, loss {result.loss:.3f} on {result.photos} photos")
+    worst = sorted(((v["top1"], k) for k, v in result.per_breed.items() if v["top1"] is not None))[:5]
+    click.echo("weakest breeds: " + ", ".join(f"{k.split('-', 1)[1]} {v:.0%}" for v, k in worst))
+    click.echo(f"wrote {Path(run_dir) / 'evaluation.json'}, confusion.png, mistakes.png")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "destination", required=True,
+              help="A local registry folder or s3://bucket/models: the artifact lands in <to>/<name>/<version>/ "
+                   "and <to>/<name>/latest names it.")
+@click.option("--name", default="dogbreeds", show_default=True, help="Model name.")
+@click.option("--version", help="Version (default: a UTC timestamp).")
+def publish(run_dir, destination, name, version):
+    """Build the model artifact of a run (inference model with its preprocessing, labels,
+    manifest with checksums, model card, plots) and publish it, moving `latest`."""
+    from trainer.publish import publish as do_publish
+
+    where = do_publish(Path(run_dir), destination, name, version)
+    click.echo(f"published {where}")
+
+
+if __name__ == "__main__":
+    main()

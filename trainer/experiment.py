@@ -1,0 +1,195 @@
+"""A training run from data to evaluated model, shared by the CLI commands and the benchmarks.
+
+A run directory holds everything about one run::
+
+    run.json          the configuration, classes, weights source, hyper-parameters, metrics
+    split.json        which photos trained, validated and tested
+    model.keras       the trained part (head, or the whole model for scratch families)
+    history.json, history-*.csv, curves.png, checkpoints/
+    evaluation.json, confusion.png, mistakes.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trainer import data as datasets
+from trainer import evaluation as evaluation_mod
+from trainer import features as features_mod
+from trainer import models, training
+
+
+@dataclass
+class RunConfig:
+    data: str
+    model: str = "vgg16_transfer"
+    preprocessing: str = "vgg"
+    weights: str = "auto"
+    split_file: str | None = None  # TSV/CSV with relative_path + split column, or a split.json
+    split_column: str = "stanford_split"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    breeds: list[str] | None = None
+    min_photos: int = 0  # keep only breeds with at least this many photos
+    image_size: int = 224
+    augment_copies: int = 2
+    seed: int = 0
+    epochs: int = 60
+    fine_tune_epochs: int = 20
+    patience: int = 6
+    batch_size: int = 64
+    hyperparameters: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class Prepared:
+    """Everything a family trains and evaluates on."""
+
+    config: RunConfig
+    family: models.ModelFamily
+    dataset: datasets.DatasetIndex
+    split: datasets.Split
+    train: datasets.LoadedPhotos
+    val: datasets.LoadedPhotos
+    test: datasets.LoadedPhotos
+    backbone: object | None
+    weights: dict
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    x_test: np.ndarray
+    seconds: dict
+
+    def context(self) -> models.BuildContext:
+        size = self.config.image_size
+        return models.BuildContext(
+            num_classes=len(self.dataset.classes), input_shape=(size, size, 3),
+            feature_shape=tuple(self.x_train.shape[1:]) if self.family.inputs == "features" else None,
+            backbone=self.backbone, preprocessing=self.config.preprocessing, augmentation_seed=self.config.seed,
+        )
+
+    def training_data(self) -> training.TrainingData:
+        return training.TrainingData(self.x_train, self.y_train, self.x_val, self.val.labels, len(self.dataset.classes))
+
+
+def _log(config: RunConfig, message: str) -> None:
+    if config.progress:
+        print(message, flush=True)
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Index and split the data, decode the photos, and (feature families) compute or load the
+    cached backbone features of train (with augmented copies), val and test."""
+    family = models.get_family(config.model)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    dataset = datasets.find_dataset(config.data, config.breeds)
+    if config.min_photos:
+        dataset = datasets.keep_breeds_with(dataset, config.min_photos)
+    if config.split_file:
+        split = datasets.split_from_file(dataset, config.split_file, column=config.split_column,
+                                         val=config.val_fraction, seed=config.seed)
+    else:
+        split = datasets.stratified_split(dataset, config.val_fraction, config.test_fraction, config.seed)
+    dataset = datasets.restrict_to_classes(dataset, split)
+    split = datasets.Split(split.method, *[[r for r in getattr(split, part) if r.split("/", 1)[0] in dataset.classes]
+                                           for part in datasets.SPLITS])
+    _log(config, f"data: {len(dataset.classes)} breeds, split {split.counts()} ({split.method})")
+    size = (config.image_size, config.image_size)
+    loaded = {part: datasets.load_photos(dataset, split.photos(dataset, part), size, desc=f"decode {part}",
+                                         progress=config.progress) for part in datasets.SPLITS}
+    for part, photos in loaded.items():
+        for path, code in photos.failures:
+            _log(config, f"  skipped unreadable {part} photo {path}: {code}")
+    seconds["decode"] = time.perf_counter() - started
+
+    backbone, weights = None, {"kind": "random", "imagenet": False, "note": "trained from scratch"}
+    x = {part: loaded[part].pixels for part in datasets.SPLITS}
+    y_train = loaded["train"].labels
+    if family.inputs == "features":
+        from trainer.backbones import build_backbone
+
+        started = time.perf_counter()
+        backbone, source = build_backbone(family.backbone, weights=config.weights, input_shape=(*size, 3))
+        weights = source.to_dict()
+        _log(config, f"backbone: {family.backbone}, weights: {source.kind} ({source.note})")
+        cut = family.cut_layer or backbone.layers[-1].name
+        extractor = features_mod.build_extractor(backbone, cut, config.preprocessing, family.backbone, (*size, 3))
+        cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.DEFAULT_CACHE)
+        common = dict(extractor=extractor, cache=cache, backbone=family.backbone, weights_sha256=source.sha256,
+                      preprocessing_choice=config.preprocessing, cut_layer=cut, seed=config.seed,
+                      progress=config.progress)
+        train_copies = features_mod.features_for(loaded["train"].pixels, copies=config.augment_copies,
+                                                 desc="train features", **common)
+        x["train"] = np.concatenate(train_copies)
+        y_train = np.tile(loaded["train"].labels, len(train_copies))
+        x["val"] = features_mod.features_for(loaded["val"].pixels, desc="val features", **common)[0]
+        x["test"] = features_mod.features_for(loaded["test"].pixels, desc="test features", **common)[0]
+        seconds["features"] = time.perf_counter() - started
+    return Prepared(config, family, dataset, split, loaded["train"], loaded["val"], loaded["test"], backbone,
+                    weights, x["train"], y_train, x["val"], x["test"], seconds)
+
+
+def predict_test(prepared: Prepared, model) -> np.ndarray:
+    return model.predict(prepared.x_test, batch_size=256, verbose=0) if len(prepared.x_test) else np.zeros(
+        (0, len(prepared.dataset.classes)))
+
+
+def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, verbose: int = 2) -> dict:
+    """Prepare, build from fixed hyper-parameters, fit, evaluate on the test split, and save the
+    run directory. Returns run.json's content."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepared or prepare(config)
+    hp = models.fixed_hyperparameters(config.hyperparameters)
+    model = models.build(config.model, hp, prepared.context())
+    started = time.perf_counter()
+    result = training.fit(prepared.family, model, prepared.training_data(), hp.values, run_dir,
+                          epochs=config.epochs, fine_tune_epochs=config.fine_tune_epochs, patience=config.patience,
+                          batch_size=config.batch_size, seed=config.seed, verbose=verbose)
+    fit_seconds = time.perf_counter() - started
+    result.model.save(run_dir / "model.keras")
+    prepared.split.save(run_dir / "split.json")
+    training.plot_curves(result.history, run_dir / "curves.png", f"{config.model} / {config.preprocessing}")
+    evaluation = evaluate_run(prepared, result.model, run_dir)
+    run = {
+        "config": asdict(config),
+        "family": config.model,
+        "backbone": prepared.family.backbone,
+        "weights": prepared.weights,
+        "classes": prepared.dataset.classes,
+        "hyperparameters": hp.values,
+        "split": {"method": prepared.split.method, **prepared.split.counts()},
+        "phases": result.phases,
+        "metrics": {"test": evaluation.summary(),
+                    "val_accuracy_best": max(result.history.get("val_accuracy", [0.0]) or [0.0])},
+        "seconds": {**{k: round(v, 1) for k, v in prepared.seconds.items()}, "fit": round(fit_seconds, 1)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (run_dir / "run.json").write_text(json.dumps(run, indent=1))
+    return run
+
+
+def evaluate_run(prepared: Prepared, model, out_dir: Path) -> evaluation_mod.Evaluation:
+    probs = predict_test(prepared, model)
+    paths = [p.relative_path for p in prepared.test.photos]
+    result = evaluation_mod.evaluate_probabilities(probs, prepared.test.labels, prepared.dataset.classes, paths)
+    pixels = dict(zip(paths, prepared.test.pixels))
+    evaluation_mod.write_evaluation(result, out_dir, pixels)
+    return result
+
+
+def load_run(run_dir: Path) -> tuple[dict, RunConfig]:
+    run = json.loads((Path(run_dir) / "run.json").read_text())
+    return run, RunConfig.from_dict(run["config"])

@@ -1,0 +1,216 @@
+"""The hyper-model registry: each model family builds its trainable Keras model from a
+``keras_tuner.HyperParameters``, for tuning (the tuner fills the values) and for training from
+fixed values (``fixed_hyperparameters``), as the seed's ``mode="tune"|"train"`` did.
+
+Two kinds of families:
+- *feature* families (``vgg16_transfer``, ``vgg16_finetune``, ``efficientnet_lite0_transfer``)
+  train on cached outputs of the frozen part of an ImageNet backbone (``features.py``); the
+  inference model is ``preprocessing -> frozen part -> trainable part`` (``assemble_inference_model``).
+- *image* families (``vgg16_scratch_0``, ``vgg16_scratch_1``: the seed's my_VGG16_0/1) train
+  end to end on photos, with preprocessing and augmentation inside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import keras
+import keras_tuner as kt
+from keras import layers
+
+from trainer import preprocessing
+
+ACTIVATIONS = ["relu", "tanh"]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a family needs besides hyper-parameters."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int] = (224, 224, 3)
+    feature_shape: tuple[int, ...] | None = None  # shape of the cached features (feature families)
+    backbone: keras.Model | None = None  # the conv base (finetune reuses its block5 layers)
+    preprocessing: str = "vgg"
+    augmentation_seed: int | None = 0
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    description: str
+    backbone: str  # backbone whose normalisation the preprocessing uses
+    inputs: str  # "features" (cached backbone outputs) or "images"
+    build: Callable[[kt.HyperParameters, BuildContext], keras.Model]
+    cut_layer: str | None = None  # last frozen backbone layer (its output is cached)
+    fine_tune_layers: tuple[str, ...] = ()  # unfrozen in a second phase at a low learning rate
+    defaults: dict = field(default_factory=dict)
+
+
+def fixed_hyperparameters(values: dict | None = None) -> kt.HyperParameters:
+    """HyperParameters whose values are fixed ("train" mode): every ``hp.Float``/``hp.Choice``
+    a family declares returns the fixed value; names not given take the family's default."""
+    hp = kt.HyperParameters()
+    for name, value in (values or {}).items():
+        hp.Fixed(name, value)
+    return hp
+
+
+def _compile(model: keras.Model, learning_rate: float, label_smoothing: float = 0.0) -> keras.Model:
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing else "categorical_crossentropy"
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=loss,
+        metrics=["accuracy", keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")],
+    )
+    return model
+
+
+def _learning_rate(hp: kt.HyperParameters) -> float:
+    return hp.Float("lr", min_value=1e-4, max_value=1e-2, sampling="log", default=1e-3)
+
+
+def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
+    """Pooling, dropout, an optional hidden layer, softmax: the transfer head."""
+    pooling = hp.Choice("pooling", ["avg", "avgmax", "flatten"], default="avg")
+    if pooling == "avg":
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "avgmax":
+        x = layers.Concatenate(name="avgmax_pool")(
+            [layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)]
+        )
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    x = layers.Dropout(hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.3), name="dropout_0")(x)
+    units = hp.Choice("units", [0, 256, 512, 1024], default=512)
+    if units:
+        x = layers.Dense(units, activation=hp.Choice("activation", ACTIVATIONS, default="relu"), name="hidden")(x)
+        x = layers.Dropout(hp.Float("dropout_hidden", 0.0, 0.7, step=0.1, default=0.3), name="dropout_1")(x)
+    return layers.Dense(num_classes, activation="softmax", name="breed")(x)
+
+
+def build_transfer_head(hp: kt.HyperParameters, ctx: BuildContext) -> keras.Model:
+    """Frozen ImageNet backbone + dense head: the trainable head, on cached backbone outputs."""
+    inputs = keras.Input(ctx.feature_shape, name="features")
+    model = keras.Model(inputs, _dense_head(hp, inputs, ctx.num_classes), name="transfer_head")
+    return _compile(model, _learning_rate(hp), hp.Float("label_smoothing", 0.0, 0.2, step=0.1, default=0.1))
+
+
+def build_finetune_head(hp: kt.HyperParameters, ctx: BuildContext) -> keras.Model:
+    """VGG16 block5 (ImageNet weights, frozen in phase one, trainable in phase two) + dense head,
+    on cached block4_pool outputs."""
+    if ctx.backbone is None:
+        raise ValueError("vgg16_finetune needs the VGG16 backbone to take block5 from")
+    inputs = keras.Input(ctx.feature_shape, name="block4_features")
+    x = inputs
+    for name in VGG16_BLOCK5:
+        source = ctx.backbone.get_layer(name)
+        clone = source.__class__.from_config(source.get_config())
+        x = clone(x)
+        if clone.weights:
+            clone.set_weights(source.get_weights())
+        clone.trainable = False
+    model = keras.Model(inputs, _dense_head(hp, x, ctx.num_classes), name="finetune_head")
+    hp.Float("fine_tune_lr", min_value=1e-5, max_value=1e-4, sampling="log", default=3e-5)
+    return _compile(model, _learning_rate(hp), hp.Float("label_smoothing", 0.0, 0.2, step=0.1, default=0.1))
+
+
+VGG16_BLOCK5 = ("block5_conv1", "block5_conv2", "block5_conv3", "block5_pool")
+VGG16_FILTERS = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512, "pool")
+
+
+def _vgg16_scratch(hp: kt.HyperParameters, ctx: BuildContext, *, with_dropout: bool) -> keras.Model:
+    """The seed's my_VGG16_0 (learning rate only) and my_VGG16_1 (dropout in [0.5, 0.8],
+    relu/tanh per layer, batch norm), trained from random weights on photos."""
+    inputs = keras.Input(ctx.input_shape, name="image")
+    x = preprocessing.build_augmentation(seed=ctx.augmentation_seed)(inputs)
+    x = preprocessing.build_preprocessing(ctx.preprocessing, "vgg16")(x)
+    conv = 0
+    for spec in VGG16_FILTERS:
+        if spec == "pool":
+            x = layers.MaxPooling2D(2, name=f"pool_{conv}")(x)
+            continue
+        act = hp.Choice(f"act_{conv}", ACTIVATIONS, default="relu") if with_dropout else "relu"
+        x = layers.Conv2D(spec, 3, padding="same", activation=act, name=f"conv_{conv}")(x)
+        conv += 1
+    x = layers.Flatten()(x)
+    for i in range(2):
+        if with_dropout:
+            x = layers.Dropout(hp.Float(f"rate_{i}", 0.5, 0.8, default=0.5))(x)
+        act = hp.Choice(f"act_{13 + i}", ACTIVATIONS, default="relu") if with_dropout else "relu"
+        x = layers.Dense(hp.Choice("dense_units", [256, 512, 4096], default=512), activation=act)(x)
+        if with_dropout:
+            x = layers.BatchNormalization()(x)
+    if with_dropout:
+        x = layers.Dropout(hp.Float("rate_2", 0.5, 0.8, default=0.5))(x)
+    outputs = layers.Dense(ctx.num_classes, activation="softmax", name="breed")(x)
+    model = keras.Model(inputs, outputs, name="my_VGG16_1" if with_dropout else "my_VGG16_0")
+    return _compile(model, _learning_rate(hp))
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in [
+        ModelFamily(
+            "vgg16_transfer",
+            "frozen ImageNet VGG16 conv base + dense head (trained on cached block5_pool features)",
+            backbone="vgg16", inputs="features", build=build_transfer_head, cut_layer="block5_pool",
+        ),
+        ModelFamily(
+            "vgg16_finetune",
+            "ImageNet VGG16, head trained first, then block5 unfrozen at a low learning rate "
+            "(trained on cached block4_pool features)",
+            backbone="vgg16", inputs="features", build=build_finetune_head, cut_layer="block4_pool",
+            fine_tune_layers=VGG16_BLOCK5[:3],
+        ),
+        ModelFamily(
+            "efficientnet_lite0_transfer",
+            "frozen ImageNet EfficientNet-Lite0 + the same dense head",
+            backbone="efficientnet_lite0", inputs="features", build=build_transfer_head,
+        ),
+        ModelFamily(
+            "vgg16_scratch_0",
+            "the seed's my_VGG16_0: VGG16 from random weights, learning rate only, no dropout",
+            backbone="vgg16", inputs="images", build=lambda hp, ctx: _vgg16_scratch(hp, ctx, with_dropout=False),
+        ),
+        ModelFamily(
+            "vgg16_scratch_1",
+            "the seed's my_VGG16_1: VGG16 from random weights, dropout 0.5-0.8, relu/tanh per layer, batch norm",
+            backbone="vgg16", inputs="images", build=lambda hp, ctx: _vgg16_scratch(hp, ctx, with_dropout=True),
+        ),
+    ]
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    try:
+        return MODEL_FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; choose from {', '.join(MODEL_FAMILIES)}") from None
+
+
+def build(name: str, hp: kt.HyperParameters, ctx: BuildContext) -> keras.Model:
+    """``build(name, hp, ctx)``: the registry's one entry point."""
+    return get_family(name).build(hp, ctx)
+
+
+def frozen_part(backbone: keras.Model, cut_layer: str | None) -> keras.Model:
+    """The frozen part of a backbone, up to ``cut_layer`` (the whole base when None)."""
+    base = backbone if cut_layer is None or cut_layer == backbone.layers[-1].name else keras.Model(
+        backbone.input, backbone.get_layer(cut_layer).output, name=f"{backbone.name}_to_{cut_layer}"
+    )
+    base.trainable = False
+    return base
+
+
+def assemble_inference_model(family: ModelFamily, trainable: keras.Model, *, backbone: keras.Model | None,
+                             preprocessing_choice: str, input_shape=(224, 224, 3)) -> keras.Model:
+    """The self-contained inference model: float32 RGB 0..255 photos in, probabilities out."""
+    if family.inputs == "images":
+        return trainable
+    inputs = keras.Input(input_shape, name="image")
+    x = preprocessing.build_preprocessing(preprocessing_choice, family.backbone)(inputs)
+    x = frozen_part(backbone, family.cut_layer)(x, training=False)
+    outputs = trainable(x, training=False)
+    return keras.Model(inputs, outputs, name=f"{family.name}_inference")

@@ -1,0 +1,122 @@
+"""Turn a finished run into a versioned model artifact (the contract of ``worker.artifact``):
+the self-contained inference model, labels, manifest, model card and plots; then copy it to a
+local registry folder or upload it to ``s3://bucket/models/<name>/<version>/``, moving ``latest``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+
+from trainer import models
+from trainer import preprocessing as _registered_layers  # noqa: F401  (custom layers for keras.models.load_model)
+from trainer.experiment import load_run
+from worker import artifact
+
+PLOTS = ("curves.png", "confusion.png", "mistakes.png")
+
+
+def inference_model(run_dir: Path) -> tuple[keras.Model, dict]:
+    """Rebuild the inference model of a run: preprocessing -> frozen backbone part (same
+    weights, checksum verified by the backbone loader) -> the trained part."""
+    run, config = load_run(run_dir)
+    family = models.get_family(run["family"])
+    trained = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
+    backbone = None
+    if family.inputs == "features":
+        from trainer.backbones import build_backbone
+
+        backbone, source = build_backbone(family.backbone, weights=config.weights,
+                                          input_shape=(config.image_size, config.image_size, 3))
+        if source.sha256 != run["weights"].get("sha256"):
+            raise RuntimeError(f"backbone weights differ from the run's: {source.sha256} != {run['weights'].get('sha256')}")
+    model = models.assemble_inference_model(family, trained, backbone=backbone, preprocessing_choice=config.preprocessing,
+                                            input_shape=(config.image_size, config.image_size, 3))
+    return model, run
+
+
+def model_card(run: dict, name: str) -> str:
+    config, metrics, weights = run["config"], run["metrics"]["test"], run["weights"]
+    hp = "\n".join(f"| {k} | {v} |" for k, v in sorted(run["hyperparameters"].items()))
+    caveats = []
+    if not weights.get("imagenet"):
+        caveats.append("The backbone did NOT start from ImageNet weights: expect far lower accuracy.")
+    if metrics["photos"] < 200:
+        caveats.append(f"The test set is small ({metrics['photos']} photos): accuracy is a rough estimate.")
+    if config["preprocessing"] == "seed":
+        caveats.append("Preprocessing 'seed' (equalise + [0,1]) does not match the ImageNet backbone's input range.")
+    caveats.append("Trained on Stanford Dogs photos (ImageNet): non-commercial research and education use. "
+                   "A photo without a dog still gets a breed; scores are not calibrated probabilities of 'dog'.")
+    return f"""# {name}: dog breed classifier
+
+{models.get_family(run['family']).description}.
+
+| | |
+|---|---|
+| model family | `{run['family']}` |
+| backbone | `{run['backbone']}` |
+| weights started from | {weights.get('kind')}: {weights.get('note', '')} (sha256 `{weights.get('sha256', '')[:16]}...`) |
+| preprocessing | `{config['preprocessing']}` (inside the model: feed float32 RGB 0..255, {config['image_size']}x{config['image_size']}) |
+| breeds | {len(run['classes'])} |
+| data | `{config['data']}` |
+| split | {run['split']['method']}: train {run['split']['train']}, val {run['split']['val']}, test {run['split']['test']} |
+| augmentation | {config['augment_copies']} augmented copies per training photo (rotation, flip, translation, zoom, contrast) |
+
+## Metrics (test split)
+
+| photos | loss | top-1 | top-5 |
+|---|---|---|---|
+| {metrics['photos']} | {metrics['loss']} | {metrics['top1']:.1%} | {metrics['top5']:.1%} |
+
+## Hyper-parameters
+
+| name | value |
+|---|---|
+{hp}
+
+## Caveats
+
+{chr(10).join('- ' + c for c in caveats)}
+
+## Breeds
+
+{', '.join(f.split('-', 1)[1].replace('_', ' ') for f in run['classes'])}
+"""
+
+
+def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = None) -> artifact.ArtifactManifest:
+    """Write the artifact of ``run_dir`` into the directory ``dest``."""
+    run_dir = Path(run_dir)
+    model, run = inference_model(run_dir)
+    labels = [artifact.Label.from_folder(i, folder) for i, folder in enumerate(run["classes"])]
+    evaluation = json.loads((run_dir / "evaluation.json").read_text()) if (run_dir / "evaluation.json").exists() else {}
+    fields = {
+        "name": name,
+        "backbone": run["backbone"],
+        "weights": run["weights"],
+        "input_size": [run["config"]["image_size"]] * 2,
+        "preprocessing": run["config"]["preprocessing"],
+        "metrics": {**run["metrics"], "per_breed": evaluation.get("per_breed", {})},
+        "hyperparameters": run["hyperparameters"],
+        "training": {"family": run["family"], "data": run["config"]["data"], "split": run["split"],
+                     "phases": run["phases"], "seconds": run["seconds"], "config": run["config"]},
+    }
+    if version:
+        fields["version"] = version
+    extra = {f"plots/{p}": run_dir / p for p in PLOTS if (run_dir / p).exists()}
+    extra["split.json"] = run_dir / "split.json"
+    return artifact.write_artifact(Path(dest), keras_model=model, labels=labels, manifest_fields=fields,
+                                   model_card=model_card(run, name), extra_files=extra)
+
+
+def publish(run_dir: Path, destination: str, name: str, version: str | None = None, work_dir: Path | None = None) -> str:
+    """Build the artifact and put it in a registry: a local folder or ``s3://bucket/prefix``.
+    Returns where the new version lives."""
+    version = version or artifact.new_version()
+    staging = Path(work_dir or Path(run_dir) / "artifacts") / f"{name}-{version}"
+    if not staging.exists():
+        build_artifact(run_dir, staging, name, version)
+    if destination.startswith("s3://"):
+        return artifact.upload_artifact(staging, destination)
+    return str(artifact.copy_to_local_registry(staging, Path(destination)))

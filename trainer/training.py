@@ -1,0 +1,119 @@
+"""Fit a model family: early stopping on validation loss, best checkpoint, resume after an
+interruption (Keras BackupAndRestore), a second fine-tuning phase where the family has one,
+and training curves (accuracy and loss, train vs val) as a PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from trainer.models import ModelFamily
+
+
+@dataclass
+class TrainingData:
+    x_train: np.ndarray
+    y_train: np.ndarray  # class indices
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+    def one_hot(self, y: np.ndarray) -> np.ndarray:
+        return keras.utils.to_categorical(y, self.num_classes)
+
+
+@dataclass
+class FitResult:
+    model: keras.Model
+    history: dict[str, list[float]]  # per epoch, both phases concatenated
+    phases: list[dict]  # one entry per phase: name, epochs run, best epoch, learning rate
+    stopped_early: bool
+
+
+def _callbacks(run_dir: Path, phase: str, patience: int, monitor: str = "val_loss") -> list:
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    return [
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=0),
+        keras.callbacks.ModelCheckpoint(checkpoints / f"best-{phase}.keras", monitor=monitor, save_best_only=True),
+        keras.callbacks.BackupAndRestore(str(checkpoints / f"backup-{phase}")),
+        keras.callbacks.CSVLogger(str(run_dir / f"history-{phase}.csv"), append=True),
+    ]
+
+
+def fit(family: ModelFamily, model: keras.Model, data: TrainingData, hp_values: dict, run_dir: Path, *,
+        epochs: int = 60, fine_tune_epochs: int = 20, patience: int = 6, batch_size: int = 64,
+        seed: int = 0, verbose: int = 2) -> FitResult:
+    """Train ``model`` (built by ``family``) and, for families with ``fine_tune_layers``,
+    unfreeze them and continue at ``hp_values['fine_tune_lr']``. Interrupted runs resume from
+    the last finished epoch when called again with the same ``run_dir``."""
+    keras.utils.set_random_seed(seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    y_train, y_val = data.one_hot(data.y_train), data.one_hot(data.y_val)
+    validation = (data.x_val, y_val) if len(data.x_val) else None
+    monitor = "val_loss" if validation else "loss"
+    history: dict[str, list[float]] = {}
+    phases = []
+
+    def run_phase(name: str, n_epochs: int, learning_rate: float) -> None:
+        h = model.fit(data.x_train, y_train, validation_data=validation, epochs=n_epochs, batch_size=batch_size,
+                      shuffle=True, callbacks=_callbacks(run_dir, name, patience, monitor), verbose=verbose)
+        for k, v in h.history.items():
+            history.setdefault(k, []).extend(float(x) for x in v)
+        monitored = h.history.get(monitor, [0.0])
+        phases.append({"phase": name, "epochs": len(monitored), "learning_rate": learning_rate,
+                       "best_epoch": int(np.argmin(monitored)) + 1 if monitored else 0})
+
+    run_phase("head", epochs, float(hp_values.get("lr", 1e-3)))
+    if family.fine_tune_layers and fine_tune_epochs > 0:
+        for name in family.fine_tune_layers:
+            _find_layer(model, name).trainable = True
+        lr = float(hp_values.get("fine_tune_lr", 3e-5))
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=model.loss, metrics=_metrics())
+        run_phase("fine_tune", fine_tune_epochs, lr)
+
+    (run_dir / "history.json").write_text(json.dumps({"history": history, "phases": phases}, indent=1))
+    stopped = any(p["epochs"] < (epochs if p["phase"] == "head" else fine_tune_epochs) for p in phases)
+    return FitResult(model, history, phases, stopped)
+
+
+def _metrics():
+    return ["accuracy", keras.metrics.TopKCategoricalAccuracy(k=5, name="top5")]
+
+
+def _find_layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    """A layer by its original name (the finetune head clones VGG16's block5 layers, which
+    Keras may have renamed ``block5_conv1_1``)."""
+    for layer in model.layers:
+        if layer.name == name or layer.name.rsplit("_", 1)[0] == name:
+            return layer
+    raise ValueError(f"layer {name} not in model {model.name}")
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
+    """Accuracy and loss, train vs val, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + metric)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, label=("val " if prefix else "train ") + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

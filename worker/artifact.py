@@ -1,0 +1,800 @@
+"""The model artifact: a self-contained, checksummed model directory.
+
+Layout (locally, and under the S3 prefix ``<prefix>/<name>/<version>/``)::
+
+    <artifact dir>/
+      model/          TF SavedModel from keras ``model.export(path)``; signature "serve":
+                      float32 (batch, H, W, 3) RGB 0..255 -> probabilities (batch, num_classes)
+      labels.json     [{"index": 0, "synset": "n02085620", "breed": "Chihuahua",
+                        "folder": "n02085620-Chihuahua"}, ...]
+      manifest.json   ArtifactManifest; ``files`` = sha256 of every other file
+      README.md       model card
+      plots/*.png     optional
+
+A registry (a local directory or an S3 prefix) holds ``<name>/<version>/`` artifacts and a
+``<name>/latest`` text object whose content is the current version.
+
+This module is used by the worker and must not import ``trainer``; TensorFlow is imported
+lazily, only by :func:`load_artifact`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import numpy as np
+
+from worker.s3uri import S3Uri, is_s3_uri, s3_client
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactError",
+    "ArtifactManifest",
+    "Label",
+    "LoadedArtifact",
+    "copy_to_local_registry",
+    "load_artifact",
+    "new_version",
+    "resolve_artifact",
+    "sha256_file",
+    "upload_artifact",
+    "verify_artifact",
+    "write_artifact",
+]
+
+SCHEMA_VERSION = 1
+
+MODEL_DIR = "model"
+LABELS_FILE = "labels.json"
+MANIFEST_FILE = "manifest.json"
+README_FILE = "README.md"
+LATEST = "latest"
+SAVED_MODEL_PB = f"{MODEL_DIR}/saved_model.pb"
+SERVE_SIGNATURE = "serve"
+
+DEFAULT_INPUT_FORMAT = "float32 RGB 0..255, resized with worker.images.resize_image"
+DEFAULT_PREPROCESSING = "inside the SavedModel (feed raw 0..255 RGB)"
+
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SYNSET = re.compile(r"^n\d{8}$")
+_CHUNK = 1 << 20
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, malformed or does not match its manifest.
+
+    ``problems`` lists every individual finding (the message joins them).
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [message])
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class Label:
+    index: int
+    synset: str
+    breed: str
+    folder: str
+
+    @classmethod
+    def from_folder(cls, index: int, folder: str) -> "Label":
+        """``"n02089078-black-and-tan_coonhound"`` -> synset ``n02089078``,
+        breed ``"black-and-tan coonhound"`` (split at the first '-', '_' -> ' ')."""
+        synset, sep, rest = folder.partition("-")
+        if not sep or not synset or not rest:
+            raise ValueError(f"not a Stanford Dogs folder name (<synset>-<Breed>): {folder!r}")
+        return cls(index=int(index), synset=synset, breed=rest.replace("_", " "), folder=folder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "synset": self.synset, "breed": self.breed, "folder": self.folder}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Label":
+        if not isinstance(d, dict):
+            raise ArtifactError(f"label entry is not an object: {d!r}")
+        try:
+            index, synset, breed, folder = d["index"], d["synset"], d["breed"], d["folder"]
+        except KeyError as e:
+            raise ArtifactError(f"label entry {d!r} lacks {e.args[0]!r}") from None
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ArtifactError(f"label index is not an integer: {d!r}")
+        for k, v in (("synset", synset), ("breed", breed), ("folder", folder)):
+            if not isinstance(v, str) or not v:
+                raise ArtifactError(f"label {k} is not a non-empty string: {d!r}")
+        return cls(index=index, synset=synset, breed=breed, folder=folder)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class ArtifactManifest:
+    schema_version: int
+    name: str
+    version: str
+    created: str  # ISO 8601 UTC, e.g. 2026-11-25T21:04:55Z
+    backbone: str
+    weights: dict  # {"kind", "location", "sha256", "imagenet", "note"}
+    input_size: list[int]  # [H, W]
+    input_format: str
+    preprocessing: str
+    num_classes: int
+    metrics: dict = field(default_factory=dict)
+    hyperparameters: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    runtimes: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative posix path -> sha256
+
+    # Class constant (no annotation, so not a dataclass field): field -> (check, description).
+    _TYPES = {
+        "schema_version": (_is_int, "an integer"),
+        "name": (lambda v: isinstance(v, str) and bool(_SAFE_SEGMENT.match(v)), "a name of [A-Za-z0-9._-]"),
+        "version": (
+            lambda v: isinstance(v, str) and bool(_SAFE_SEGMENT.match(v)) and v != LATEST,
+            "a version of [A-Za-z0-9._-] (not 'latest')",
+        ),
+        "created": (lambda v: isinstance(v, str) and bool(v), "a string"),
+        "backbone": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        "weights": (lambda v: isinstance(v, dict), "an object"),
+        "input_size": (
+            lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+            "[H, W] positive integers",
+        ),
+        "input_format": (lambda v: isinstance(v, str), "a string"),
+        "preprocessing": (lambda v: isinstance(v, str), "a string"),
+        "num_classes": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "metrics": (lambda v: isinstance(v, dict), "an object"),
+        "hyperparameters": (lambda v: isinstance(v, dict), "an object"),
+        "training": (lambda v: isinstance(v, dict), "an object"),
+        "runtimes": (lambda v: isinstance(v, dict), "an object"),
+        "files": (
+            lambda v: isinstance(v, dict)
+            and all(isinstance(k, str) and isinstance(s, str) and _SHA256.match(s) for k, s in v.items()),
+            "an object of relative path -> lowercase hex sha256",
+        ),
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "backbone": self.backbone,
+            "weights": dict(self.weights),
+            "input_size": list(self.input_size),
+            "input_format": self.input_format,
+            "preprocessing": self.preprocessing,
+            "num_classes": self.num_classes,
+            "metrics": dict(self.metrics),
+            "hyperparameters": dict(self.hyperparameters),
+            "training": dict(self.training),
+            "runtimes": dict(self.runtimes),
+            "files": dict(sorted(self.files.items())),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArtifactManifest":
+        """Validate and build; unknown keys are ignored. Raises ArtifactError."""
+        if not isinstance(d, dict):
+            raise ArtifactError("manifest.json: not a JSON object")
+        problems = []
+        sv = d.get("schema_version")
+        if _is_int(sv) and sv > SCHEMA_VERSION:
+            raise ArtifactError(
+                f"manifest.json: schema_version {sv} is newer than this code understands ({SCHEMA_VERSION})"
+            )
+        for name, (check, desc) in cls._TYPES.items():
+            if name not in d:
+                problems.append(f"manifest.json: missing field {name!r}")
+            elif not check(d[name]):
+                problems.append(f"manifest.json: field {name!r} must be {desc}, got {d[name]!r}")
+        if problems:
+            raise ArtifactError("; ".join(problems), problems)
+        kwargs = {name: d[name] for name in cls._TYPES}
+        kwargs["input_size"] = [int(x) for x in d["input_size"]]
+        return cls(**kwargs)
+
+
+
+@dataclass(frozen=True)
+class LoadedArtifact:
+    path: Path
+    manifest: ArtifactManifest
+    labels: list[Label]
+    predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, H, W, 3) 0..255 -> (n, num_classes)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_version(now: datetime | None = None) -> str:
+    """A sortable UTC timestamp version, e.g. ``20261125T210455Z``."""
+    now = now or _utcnow()
+    return now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_relpath(rel: str) -> str | None:
+    """Why ``rel`` is not a safe relative posix path inside an artifact (None if it is)."""
+    if not rel or "\\" in rel or rel.startswith("/"):
+        return f"unsafe path {rel!r}"
+    parts = PurePosixPath(rel).parts
+    if any(p in ("", ".", "..") for p in parts) or PurePosixPath(rel).as_posix() != rel:
+        return f"unsafe path {rel!r}"
+    return None
+
+
+def _check_key_segments(key: str, what: str) -> None:
+    """Keys become local cache paths: refuse '.', '..' and empty segments."""
+    key = key.strip("/")
+    if key and any(seg in ("", ".", "..") for seg in key.split("/")):
+        raise ArtifactError(f"{what}: refusing path segments '.', '..' or '//' in {key!r}")
+
+
+def _parse_version_text(text: str | bytes, where: str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    version = text.strip()
+    if not _SAFE_SEGMENT.match(version) or version == LATEST:
+        raise ArtifactError(f"{where}: does not hold a valid version: {version[:80]!r}")
+    return version
+
+
+def _list_files(root: Path) -> tuple[list[str], list[str]]:
+    """(regular files, symlinks/specials) under root as sorted relative posix paths."""
+    files, odd = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        for name in list(dirnames):
+            if (d / name).is_symlink():
+                odd.append((d / name).relative_to(root).as_posix())
+                dirnames.remove(name)
+        for name in filenames:
+            p = d / name
+            rel = p.relative_to(root).as_posix()
+            (files if p.is_file() and not p.is_symlink() else odd).append(rel)
+    return sorted(files), sorted(odd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _install_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place, replacing whatever is there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            trash = None
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        # Somebody else installed the same version concurrently: keep theirs if good.
+        try:
+            verify_artifact(final)
+        except ArtifactError:
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{what} is missing: {path}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{what} is not valid JSON ({path}): {e}") from None
+
+
+def read_labels(path: Path) -> list[Label]:
+    """labels.json of an artifact dir (or the file itself), checked to be indexed 0..n-1."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LABELS_FILE
+    data = _read_json(path, LABELS_FILE)
+    if not isinstance(data, list) or not data:
+        raise ArtifactError(f"{LABELS_FILE}: must be a non-empty JSON list")
+    labels = [Label.from_dict(d) for d in data]
+    for i, label in enumerate(labels):
+        if label.index != i:
+            raise ArtifactError(f"{LABELS_FILE}: entry {i} has index {label.index}; indices must be 0..n-1 in order")
+    return labels
+
+
+def read_manifest(path: Path) -> ArtifactManifest:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_FILE
+    return ArtifactManifest.from_dict(_read_json(path, MANIFEST_FILE))
+
+
+# --------------------------------------------------------------------------- write / verify
+
+
+def write_artifact(
+    dest: Path,
+    *,
+    model_dir: Path | None = None,
+    keras_model=None,
+    labels: list[Label],
+    manifest_fields: dict,
+    model_card: str,
+    extra_files: dict[str, Path] | None = None,
+) -> ArtifactManifest:
+    """Write a complete artifact to ``dest`` (which must not exist, or be empty).
+
+    Exactly one of ``model_dir`` (an existing SavedModel directory, copied) or ``keras_model``
+    (exported with ``keras_model.export(dest/"model")``). ``manifest_fields`` needs ``name``,
+    ``backbone`` and ``input_size`` and may give any other manifest field except ``files``;
+    ``schema_version``, ``version`` (default :func:`new_version`), ``created`` (now),
+    ``num_classes`` (= len(labels)) and ``runtimes`` are filled in. The artifact is assembled
+    in a sibling temporary directory and renamed into place, so ``dest`` is either complete
+    or absent. Returns the manifest written.
+    """
+    dest = Path(dest)
+    if (model_dir is None) == (keras_model is None):
+        raise ArtifactError("write_artifact: give exactly one of model_dir= or keras_model=")
+    if not isinstance(model_card, str) or not model_card.strip():
+        raise ArtifactError("write_artifact: model_card (README.md) must be a non-empty string")
+    labels = list(labels)
+    if not labels:
+        raise ArtifactError("write_artifact: labels must not be empty")
+    for i, label in enumerate(labels):
+        if not isinstance(label, Label):
+            raise ArtifactError(f"write_artifact: labels[{i}] is not a Label: {label!r}")
+        if label.index != i:
+            raise ArtifactError(f"write_artifact: labels[{i}] has index {label.index}; must be 0..n-1 in order")
+
+    fields = dict(manifest_fields)
+    if "files" in fields:
+        raise ArtifactError("write_artifact: 'files' is computed, do not pass it in manifest_fields")
+    unknown = set(fields) - set(ArtifactManifest._TYPES)
+    if unknown:
+        raise ArtifactError(f"write_artifact: unknown manifest fields {sorted(unknown)}")
+    for required in ("name", "backbone", "input_size"):
+        if required not in fields:
+            raise ArtifactError(f"write_artifact: manifest_fields lacks {required!r}")
+    if fields.setdefault("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise ArtifactError(f"write_artifact: schema_version must be {SCHEMA_VERSION}")
+    if fields.setdefault("num_classes", len(labels)) != len(labels):
+        raise ArtifactError(
+            f"write_artifact: num_classes={fields['num_classes']} but {len(labels)} labels were given"
+        )
+    now = _utcnow()
+    fields.setdefault("version", new_version(now))
+    fields.setdefault("created", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    fields.setdefault("weights", {})
+    fields.setdefault("input_format", DEFAULT_INPUT_FORMAT)
+    fields.setdefault("preprocessing", DEFAULT_PREPROCESSING)
+    fields.setdefault("metrics", {})
+    fields.setdefault("hyperparameters", {})
+    fields.setdefault("training", {})
+    fields.setdefault("runtimes", {"tf": {"path": MODEL_DIR, "precision": "fp32"}})
+    fields["input_size"] = list(fields["input_size"]) if isinstance(fields["input_size"], tuple) else fields["input_size"]
+    # Validate everything but files now, before the (slow) export.
+    ArtifactManifest.from_dict({**fields, "files": {}})
+
+    if keras_model is not None:
+        _check_keras_model(keras_model, num_classes=len(labels), input_size=fields["input_size"])
+
+    extras: dict[str, Path] = {}
+    for rel, src in (extra_files or {}).items():
+        rel = str(rel)
+        why = _check_relpath(rel)
+        if why:
+            raise ArtifactError(f"write_artifact: extra file {why}")
+        if rel in (MANIFEST_FILE, LABELS_FILE, README_FILE) or rel == MODEL_DIR or rel.startswith(MODEL_DIR + "/"):
+            raise ArtifactError(f"write_artifact: extra file {rel!r} clashes with a reserved artifact path")
+        src = Path(src)
+        if not src.is_file():
+            raise ArtifactError(f"write_artifact: extra file source for {rel!r} is not a file: {src}")
+        extras[rel] = src
+
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ArtifactError(f"write_artifact: destination exists and is not an empty directory: {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        if keras_model is not None:
+            keras_model.export(str(tmp / MODEL_DIR), format="tf_saved_model", verbose=False)
+        else:
+            model_dir = Path(model_dir)
+            if not (model_dir / "saved_model.pb").is_file():
+                raise ArtifactError(f"write_artifact: {model_dir} is not a SavedModel (no saved_model.pb)")
+            shutil.copytree(model_dir, tmp / MODEL_DIR, symlinks=False)
+        if not (tmp / SAVED_MODEL_PB).is_file():
+            raise ArtifactError(f"write_artifact: export produced no {SAVED_MODEL_PB}")
+
+        (tmp / LABELS_FILE).write_text(json.dumps([l.to_dict() for l in labels], indent=2) + "\n", encoding="utf-8")
+        (tmp / README_FILE).write_text(model_card if model_card.endswith("\n") else model_card + "\n", encoding="utf-8")
+        for rel, src in extras.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+
+        files, odd = _list_files(tmp)
+        if odd:
+            raise ArtifactError(f"write_artifact: symlinks/special files are not allowed: {odd}")
+        fields["files"] = {rel: sha256_file(tmp / rel) for rel in files if rel != MANIFEST_FILE}
+        manifest = ArtifactManifest.from_dict(fields)
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")  # last
+        verify_artifact(tmp)
+        if dest.exists():
+            dest.rmdir()  # empty (checked above)
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _check_keras_model(model, *, num_classes: int, input_size) -> None:
+    """Catch label/size mismatches before exporting (best effort: skips unknown shapes)."""
+    try:
+        out_shape = tuple(model.output_shape)
+        in_shape = tuple(model.input_shape)
+    except Exception:  # noqa: BLE001 - subclassed/unbuilt models have no static shapes
+        return
+    if out_shape and out_shape[-1] is not None and out_shape[-1] != num_classes:
+        raise ArtifactError(f"write_artifact: model outputs {out_shape[-1]} classes but {num_classes} labels were given")
+    if len(in_shape) == 4 and None not in in_shape[1:3] and list(in_shape[1:3]) != list(input_size):
+        raise ArtifactError(f"write_artifact: model input is {list(in_shape[1:3])} but input_size is {list(input_size)}")
+
+
+def verify_artifact(path: Path) -> ArtifactManifest:
+    """Check an artifact directory against its manifest; returns the manifest.
+
+    Every file listed in ``manifest.files`` must exist with the listed sha256; ``labels.json``,
+    ``README.md`` and ``model/saved_model.pb`` must be listed; no unlisted file may be inside
+    ``model/``; labels.json must have ``num_classes`` entries indexed 0..n-1. All findings are
+    reported together in one :class:`ArtifactError`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"not an artifact directory: {path}")
+    if not (path / MANIFEST_FILE).is_file():
+        raise ArtifactError(f"{MANIFEST_FILE} is missing in {path}")
+    manifest = read_manifest(path)
+
+    problems: list[str] = []
+    for rel in sorted(manifest.files):
+        why = _check_relpath(rel)
+        if why:
+            problems.append(f"manifest.json files: {why}")
+        elif rel == MANIFEST_FILE:
+            problems.append("manifest.json files: must not list manifest.json itself")
+    if problems:
+        raise ArtifactError(f"artifact {path} is invalid: " + "; ".join(problems), problems)
+
+    for required in (LABELS_FILE, README_FILE, SAVED_MODEL_PB):
+        if required not in manifest.files:
+            problems.append(f"manifest.json files: does not list required {required}")
+
+    for rel, expected in sorted(manifest.files.items()):
+        p = path / rel
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            problems.append(f"{rel}: not a regular file")
+        elif not p.exists():
+            problems.append(f"{rel}: missing")
+        else:
+            actual = sha256_file(p)
+            if actual != expected:
+                problems.append(f"{rel}: sha256 mismatch (expected {expected}, actual {actual})")
+
+    model_root = path / MODEL_DIR
+    if model_root.is_symlink():
+        problems.append(f"{MODEL_DIR}: is a symlink")
+    elif model_root.is_dir():
+        files, odd = _list_files(model_root)
+        for rel in files:
+            full = f"{MODEL_DIR}/{rel}"
+            if full not in manifest.files:
+                problems.append(f"{full}: not listed in manifest.json (unexpected file)")
+        for rel in odd:
+            problems.append(f"{MODEL_DIR}/{rel}: symlink or special file not allowed")
+
+    if (path / LABELS_FILE).is_file() and LABELS_FILE not in {p.split(":")[0] for p in problems}:
+        try:
+            labels = read_labels(path / LABELS_FILE)
+        except ArtifactError as e:
+            problems.append(str(e))
+        else:
+            if len(labels) != manifest.num_classes:
+                problems.append(
+                    f"{LABELS_FILE}: has {len(labels)} labels but manifest.json num_classes is {manifest.num_classes}"
+                )
+
+    if problems:
+        raise ArtifactError(f"artifact {path} failed verification: " + "; ".join(problems), problems)
+    return manifest
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def copy_to_local_registry(local: Path, root: Path, set_latest: bool = True) -> Path:
+    """Copy a verified artifact to ``root/<name>/<version>/`` and (by default) point
+    ``root/<name>/latest`` at it. Versions are immutable: an existing different artifact
+    with the same name/version is an error; an identical one is left as is."""
+    local = Path(local)
+    manifest = verify_artifact(local)
+    name_dir = Path(root) / manifest.name
+    dest = name_dir / manifest.version
+    manifest_bytes = (local / MANIFEST_FILE).read_bytes()
+
+    if dest.exists() and dest.resolve() != local.resolve():
+        existing = dest / MANIFEST_FILE
+        if not existing.is_file() or existing.read_bytes() != manifest_bytes:
+            raise ArtifactError(
+                f"{dest} already exists with different content; versions are immutable, write a new version"
+            )
+        try:
+            verify_artifact(dest)
+        except ArtifactError:
+            _copy_artifact_files(local, manifest, name_dir, dest, manifest_bytes)  # repair
+    elif not dest.exists():
+        _copy_artifact_files(local, manifest, name_dir, dest, manifest_bytes)
+
+    if set_latest:
+        _write_text_atomic(name_dir / LATEST, manifest.version)
+    return dest
+
+
+def _copy_artifact_files(local: Path, manifest: ArtifactManifest, parent: Path, dest: Path, manifest_bytes: bytes) -> None:
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{dest.name}.partial-{uuid.uuid4().hex}"
+    try:
+        for rel in sorted(manifest.files):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local / rel, tmp / rel)
+        (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        verify_artifact(tmp)
+        _install_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _s3_get_bytes(s3, bucket: str, key: str) -> bytes | None:
+    """Object body, or None when the object (or bucket) does not exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+
+
+def upload_artifact(local: Path, uri: str, *, s3=None, set_latest: bool = True) -> str:
+    """Upload a verified artifact to ``<uri>/<name>/<version>/`` (manifest.json last, so a
+    visible manifest means a complete upload), then write ``<uri>/<name>/latest``.
+    Returns ``s3://bucket/<prefix>/<name>/<version>``."""
+    local = Path(local)
+    manifest = verify_artifact(local)
+    base = S3Uri.parse(uri)
+    _check_key_segments(base.key, uri)
+    dest = base.join(manifest.name, manifest.version)
+    s3 = s3 or s3_client()
+    manifest_bytes = (local / MANIFEST_FILE).read_bytes()
+
+    existing = _s3_get_bytes(s3, dest.bucket, f"{dest.key}/{MANIFEST_FILE}")
+    if existing is not None and existing != manifest_bytes:
+        raise ArtifactError(f"{dest} already exists with different content; versions are immutable")
+
+    for rel in sorted(manifest.files):
+        s3.upload_file(str(local / rel), dest.bucket, f"{dest.key}/{rel}")
+    s3.put_object(
+        Bucket=dest.bucket, Key=f"{dest.key}/{MANIFEST_FILE}", Body=manifest_bytes, ContentType="application/json"
+    )
+    if set_latest:
+        s3.put_object(
+            Bucket=dest.bucket,
+            Key=base.join(manifest.name, LATEST).key,
+            Body=manifest.version.encode("utf-8"),
+            ContentType="text/plain",
+        )
+    return str(dest)
+
+
+# --------------------------------------------------------------------------- resolve / load
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("DOGBREEDS_CACHE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "dogbreeds" / "artifacts"
+
+
+def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None) -> Path:
+    """Turn an artifact reference into a verified local artifact directory.
+
+    Local: an artifact dir; a registry dir ``root/<name>`` (follows ``latest``); or
+    ``root/<name>/latest``. S3: ``s3://bucket/prefix/<name>/<version>``, or
+    ``s3://.../<name>`` / ``s3://.../<name>/latest`` (reads ``latest``). S3 artifacts are
+    downloaded to ``<cache root>/<bucket>/<key of the version prefix>/`` where the cache
+    root is ``cache_dir``, else ``$DOGBREEDS_CACHE``, else ``~/.cache/dogbreeds/artifacts``;
+    a cached copy that verifies is reused (a pinned version then needs no S3 call at all),
+    anything else is downloaded afresh. The returned directory has always passed
+    :func:`verify_artifact`.
+    """
+    if is_s3_uri(uri):
+        return _resolve_s3(uri, s3=s3, cache_dir=cache_dir)
+    text = str(uri)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    p = Path(text).expanduser()
+    if p.name == LATEST and p.is_file():
+        target = p.parent / _parse_version_text(p.read_bytes(), str(p))
+    elif (p / MANIFEST_FILE).is_file():
+        target = p
+    elif (p / LATEST).is_file():
+        target = p / _parse_version_text((p / LATEST).read_bytes(), str(p / LATEST))
+    elif not p.exists():
+        raise ArtifactError(f"no such artifact or registry path: {p}")
+    else:
+        raise ArtifactError(f"{p} is neither an artifact (no {MANIFEST_FILE}) nor a registry entry (no {LATEST})")
+    verify_artifact(target)
+    return target.resolve()
+
+
+def _resolve_s3(uri: str, *, s3, cache_dir: Path | None) -> Path:
+    u = S3Uri.parse(uri)
+    key = u.key.strip("/")
+    _check_key_segments(key, uri)
+    bucket_root = _cache_root(cache_dir) / u.bucket
+
+    # A pinned version that is already cached and intact needs no network.
+    if key and key.rsplit("/", 1)[-1] != LATEST:
+        cached = bucket_root / key
+        if (cached / MANIFEST_FILE).is_file():
+            try:
+                m = verify_artifact(cached)
+            except ArtifactError:
+                pass
+            else:
+                if key == f"{m.name}/{m.version}" or key.endswith(f"/{m.name}/{m.version}"):
+                    return cached
+
+    s3 = s3 or s3_client()
+    manifest_bytes = None
+    if key.rsplit("/", 1)[-1] == LATEST:
+        latest_key, base = key, key.rsplit("/", 1)[0] if "/" in key else ""
+        body = _s3_get_bytes(s3, u.bucket, latest_key)
+        if body is None:
+            raise ArtifactError(f"no latest pointer at s3://{u.bucket}/{latest_key}")
+        vkey = "/".join(x for x in (base, _parse_version_text(body, f"s3://{u.bucket}/{latest_key}")) if x)
+    else:
+        manifest_bytes = _s3_get_bytes(s3, u.bucket, f"{key}/{MANIFEST_FILE}" if key else MANIFEST_FILE)
+        if manifest_bytes is not None:
+            vkey = key
+        else:
+            latest_key = f"{key}/{LATEST}" if key else LATEST
+            body = _s3_get_bytes(s3, u.bucket, latest_key)
+            if body is None:
+                raise ArtifactError(f"no artifact at {uri}: neither {MANIFEST_FILE} nor {LATEST} found there")
+            vkey = "/".join(x for x in (key, _parse_version_text(body, f"s3://{u.bucket}/{latest_key}")) if x)
+
+    if manifest_bytes is None:
+        manifest_bytes = _s3_get_bytes(s3, u.bucket, f"{vkey}/{MANIFEST_FILE}")
+        if manifest_bytes is None:
+            raise ArtifactError(f"s3://{u.bucket}/{vkey}/{MANIFEST_FILE} is missing (incomplete upload?)")
+    try:
+        manifest = ArtifactManifest.from_dict(json.loads(manifest_bytes))
+    except ValueError as e:
+        raise ArtifactError(f"s3://{u.bucket}/{vkey}/{MANIFEST_FILE} is not valid JSON: {e}") from None
+    if not (vkey == f"{manifest.name}/{manifest.version}" or vkey.endswith(f"/{manifest.name}/{manifest.version}")):
+        raise ArtifactError(
+            f"s3://{u.bucket}/{vkey} holds {manifest.name}/{manifest.version}; "
+            "artifacts must live under <prefix>/<name>/<version>/"
+        )
+    for rel in manifest.files:
+        why = _check_relpath(rel)
+        if why or rel == MANIFEST_FILE:
+            raise ArtifactError(f"s3://{u.bucket}/{vkey}/{MANIFEST_FILE}: {why or 'lists itself'}")
+
+    local = bucket_root / vkey
+    if (local / MANIFEST_FILE).is_file() and (local / MANIFEST_FILE).read_bytes() == manifest_bytes:
+        try:
+            verify_artifact(local)
+            return local
+        except ArtifactError:
+            pass  # damaged cache: download again
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.parent / f".{local.name}.partial-{uuid.uuid4().hex}"
+    try:
+        for rel in sorted(manifest.files):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(u.bucket, f"{vkey}/{rel}", str(tmp / rel))
+        (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        verify_artifact(tmp)
+        _install_dir(tmp, local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None) -> LoadedArtifact:
+    """Resolve + verify an artifact, load its SavedModel and wrap the ``serve`` signature."""
+    path = resolve_artifact(uri, s3=s3, cache_dir=cache_dir)
+    manifest = read_manifest(path)
+    labels = read_labels(path)
+
+    import tensorflow as tf  # lazy: only loading a model needs TensorFlow
+
+    loaded = tf.saved_model.load(str(path / MODEL_DIR))
+    signatures = dict(loaded.signatures)
+    if SERVE_SIGNATURE not in signatures:
+        raise ArtifactError(f"{path / MODEL_DIR}: no {SERVE_SIGNATURE!r} signature (has {sorted(signatures)})")
+    fn = signatures[SERVE_SIGNATURE]
+    _, kw_specs = fn.structured_input_signature
+    if len(kw_specs) != 1:
+        raise ArtifactError(f"{SERVE_SIGNATURE!r} signature must take one input, takes {sorted(kw_specs)}")
+    (input_name, spec), = kw_specs.items()
+    outputs = list(fn.structured_outputs)
+    if len(outputs) != 1:
+        raise ArtifactError(f"{SERVE_SIGNATURE!r} signature must return one output, returns {outputs}")
+    output_name = outputs[0]
+    h, w = manifest.input_size
+    spec_hw = list(spec.shape)[1:3] if spec.shape.rank == 4 else None
+    if spec_hw and None not in spec_hw and spec_hw != [h, w]:
+        raise ArtifactError(f"SavedModel input is {spec_hw} but manifest input_size is {[h, w]}")
+    num_classes = manifest.num_classes
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (h, w, 3):
+            raise ValueError(f"expected a float32 batch of shape (n, {h}, {w}, 3), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros((0, num_classes), dtype=np.float32)
+        out = fn(**{input_name: tf.constant(x)})[output_name]
+        return np.asarray(out.numpy(), dtype=np.float32)
+
+    predict._loaded = loaded  # keep the SavedModel (and its variables) alive with the function
+    return LoadedArtifact(path=Path(path), manifest=manifest, labels=labels, predict=predict)

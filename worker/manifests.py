@@ -1,0 +1,315 @@
+"""Classification results -> JSON manifest documents at deterministic keys.
+
+One manifest is written per job, at ``manifest_key(output_prefix, job_id)``
+(``<output_prefix>/<job_id>.json``, or ``.jsonl`` for the optional JSON Lines
+form), with a single ``PutObject``.
+
+Determinism decision
+--------------------
+The requirement is "same input -> same key and same content: a redelivered
+message overwrites, never duplicates". The key is a pure function of the output
+prefix and the job id (which, for S3 events, is itself derived from the message
+content). For the *content* to be identical as well, the document written to S3
+holds **no wall-clock values**: no timestamps and, by default, no timings.
+:class:`ItemResult` keeps its ``timings_ms`` for in-process use (logs and
+metrics report them); they are serialised only when explicitly requested with
+``include_timings=True`` (on :func:`build_manifest` or ``Manifest.to_json``),
+which gives up byte-identical redeliveries. This is why ``include_timings``
+defaults to ``False``.
+
+Serialisation is canonical: ``sort_keys=True``, separators ``(",", ":")``,
+UTF-8 (``ensure_ascii=False``), items sorted by ``(bucket, key, version_id,
+etag)``, scores rounded to 6 decimals and timings to 3, ``-0.0`` written as
+``0.0``. Non-finite floats are rejected (``ValueError``) rather than written as
+invalid JSON. ``top_k`` keeps the order given by the model (best first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from worker.messages import is_safe_job_id
+
+__all__ = [
+    "CONTENT_TYPE_JSON",
+    "CONTENT_TYPE_JSONL",
+    "ItemResult",
+    "MANIFEST_SCHEMA_VERSION",
+    "Manifest",
+    "TopK",
+    "build_manifest",
+    "manifest_key",
+    "read_manifest",
+    "write_manifest",
+]
+
+MANIFEST_SCHEMA_VERSION = 1
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_JSONL = "application/x-ndjson"
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+_STATUSES = (STATUS_OK, STATUS_ERROR)
+
+SCORE_DECIMALS = 6
+TIMING_DECIMALS = 3
+
+
+def _num(value: float | None, decimals: int, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value!r}")
+    return round(value, decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+@dataclass
+class TopK:
+    synset: str
+    breed: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "synset": self.synset,
+            "breed": self.breed,
+            "score": _num(self.score, SCORE_DECIMALS, "top_k score"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TopK":
+        return cls(synset=d["synset"], breed=d["breed"], score=d["score"])
+
+
+@dataclass
+class ItemResult:
+    """The outcome for one image (``status`` ``"ok"`` or ``"error"``)."""
+
+    bucket: str
+    key: str
+    etag: str | None
+    version_id: str | None
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+    breed: str | None = None
+    synset: str | None = None
+    score: float | None = None
+    top_k: list[TopK] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def success(
+        cls,
+        bucket: str,
+        key: str,
+        *,
+        breed: str,
+        synset: str,
+        score: float,
+        top_k: Iterable[TopK] = (),
+        etag: str | None = None,
+        version_id: str | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> "ItemResult":
+        return cls(
+            bucket=bucket, key=key, etag=etag, version_id=version_id, status=STATUS_OK,
+            breed=breed, synset=synset, score=score, top_k=list(top_k),
+            timings_ms=dict(timings_ms or {}),
+        )
+
+    @classmethod
+    def failure(
+        cls,
+        bucket: str,
+        key: str,
+        *,
+        error_code: str,
+        error_message: str,
+        etag: str | None = None,
+        version_id: str | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> "ItemResult":
+        return cls(
+            bucket=bucket, key=key, etag=etag, version_id=version_id, status=STATUS_ERROR,
+            error_code=error_code, error_message=error_message,
+            timings_ms=dict(timings_ms or {}),
+        )
+
+    def sort_key(self) -> tuple[str, str, str, str]:
+        return (self.bucket, self.key, self.version_id or "", self.etag or "")
+
+    def to_dict(self, *, include_timings: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "bucket": self.bucket,
+            "key": self.key,
+            "etag": self.etag,
+            "version_id": self.version_id,
+            "status": self.status,
+            "error_code": self.error_code,
+            "error_message": self.error_message,
+            "breed": self.breed,
+            "synset": self.synset,
+            "score": _num(self.score, SCORE_DECIMALS, "score"),
+            "top_k": [t.to_dict() for t in self.top_k],
+        }
+        if include_timings:
+            d["timings_ms"] = {
+                str(k): _num(v, TIMING_DECIMALS, f"timings_ms[{k!r}]")
+                for k, v in self.timings_ms.items()
+            }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ItemResult":
+        return cls(
+            bucket=d["bucket"],
+            key=d["key"],
+            etag=d.get("etag"),
+            version_id=d.get("version_id"),
+            status=d["status"],
+            error_code=d.get("error_code"),
+            error_message=d.get("error_message"),
+            breed=d.get("breed"),
+            synset=d.get("synset"),
+            score=d.get("score"),
+            top_k=[TopK.from_dict(t) for t in d.get("top_k") or []],
+            timings_ms=dict(d.get("timings_ms") or {}),
+        )
+
+
+@dataclass
+class Manifest:
+    """The document written for one job.
+
+    ``include_timings`` is not part of the document; it only decides whether
+    per-item timings are serialised (default: no, see the module docstring).
+    """
+
+    schema_version: int
+    job_id: str
+    source: str
+    model: dict[str, Any]
+    items: list[ItemResult]
+    counts: dict[str, int]
+    include_timings: bool = False
+
+    def sorted_items(self) -> list[ItemResult]:
+        return sorted(self.items, key=ItemResult.sort_key)
+
+    def to_dict(self, *, include_timings: bool | None = None) -> dict[str, Any]:
+        timings = self.include_timings if include_timings is None else include_timings
+        return {
+            "schema_version": self.schema_version,
+            "job_id": self.job_id,
+            "source": self.source,
+            "model": self.model,
+            "counts": self.counts,
+            "items": [it.to_dict(include_timings=timings) for it in self.sorted_items()],
+        }
+
+    def to_json(self, *, include_timings: bool | None = None) -> str:
+        """The canonical JSON document (same manifest -> identical text)."""
+        return _dumps(self.to_dict(include_timings=include_timings))
+
+    def to_jsonl(self, *, include_timings: bool | None = None) -> str:
+        """JSON Lines: one item per line (each line also carries ``job_id``),
+        newline-terminated; an empty manifest gives ``""``."""
+        timings = self.include_timings if include_timings is None else include_timings
+        lines = []
+        for it in self.sorted_items():
+            d = it.to_dict(include_timings=timings)
+            d["job_id"] = self.job_id
+            lines.append(_dumps(d) + "\n")
+        return "".join(lines)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        version = d.get("schema_version")
+        if version != MANIFEST_SCHEMA_VERSION:
+            raise ValueError(f"unsupported manifest schema_version {version!r}")
+        items = [ItemResult.from_dict(it) for it in d.get("items") or []]
+        return cls(
+            schema_version=version,
+            job_id=d["job_id"],
+            source=d["source"],
+            model=dict(d.get("model") or {}),
+            items=items,
+            counts=dict(d.get("counts") or {}),
+            include_timings=any("timings_ms" in it for it in d.get("items") or []),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Manifest":
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8")
+        return cls.from_dict(json.loads(text))
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def manifest_key(output_prefix: str, job_id: str, *, jsonl: bool = False) -> str:
+    """``<output_prefix>/<job_id>.json`` (``.jsonl``): same input -> same key.
+
+    An empty prefix (or ``"/"``) puts the manifest at the bucket root.
+    """
+    if not is_safe_job_id(job_id):
+        raise ValueError(f"unsafe job id for a manifest key: {job_id!r}")
+    ext = "jsonl" if jsonl else "json"
+    prefix = output_prefix.rstrip("/")
+    return f"{prefix}/{job_id}.{ext}" if prefix else f"{job_id}.{ext}"
+
+
+def build_manifest(
+    job_id: str,
+    source: str,
+    model_info: dict[str, Any],
+    items: Iterable[ItemResult],
+    *,
+    include_timings: bool = False,
+) -> Manifest:
+    """Assemble a manifest: items sorted by (bucket, key), counts computed.
+
+    ``include_timings`` defaults to ``False`` so that the written document has
+    no wall-clock values (see the module docstring).
+    """
+    sorted_items = sorted(items, key=ItemResult.sort_key)
+    counts = {STATUS_OK: 0, STATUS_ERROR: 0}
+    for it in sorted_items:
+        if it.status not in _STATUSES:
+            raise ValueError(f"item {it.bucket}/{it.key}: status must be 'ok' or 'error', got {it.status!r}")
+        counts[it.status] += 1
+    return Manifest(
+        schema_version=MANIFEST_SCHEMA_VERSION,
+        job_id=job_id,
+        source=source,
+        model=dict(model_info),
+        items=sorted_items,
+        counts=counts,
+        include_timings=include_timings,
+    )
+
+
+def write_manifest(s3: Any, bucket: str, key: str, manifest: Manifest, *, jsonl: bool = False) -> None:
+    """Write the manifest with ONE ``put_object`` (overwrites on redelivery)."""
+    text = manifest.to_jsonl() if jsonl else manifest.to_json()
+    s3.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=text.encode("utf-8"),
+        ContentType=CONTENT_TYPE_JSONL if jsonl else CONTENT_TYPE_JSON,
+    )
+
+
+def read_manifest(s3: Any, bucket: str, key: str) -> Manifest:
+    """Read back a JSON manifest written by :func:`write_manifest` (not JSONL)."""
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Manifest.from_json(body)
