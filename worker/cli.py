@@ -87,6 +87,127 @@ def predict(model_uri, paths, top_k, batch_size, as_json):
         click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
 
 
+def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None):
+    from worker.classifier import Classifier
+    from worker.pipeline import Pipeline, PipelineSettings
+    from worker.settings import client
+
+    s3 = client("s3")
+    classifier = Classifier.load(model_uri, top_k=top_k, s3=s3)
+    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k),
+                    reader=reader)
+
+
+def worker_options(command):
+    """Options shared by `run` and `classify` (defaults from the DOGBREEDS_* environment)."""
+    from worker.settings import WorkerEnvironment
+
+    env = WorkerEnvironment.from_env()
+    options = [
+        click.option("--model", "model_uri", default=env.model, required=env.model is None,
+                     help="Model artifact URI (env DOGBREEDS_MODEL)."),
+        click.option("--output-bucket", default=env.output_bucket,
+                     help="Bucket for manifests (env DOGBREEDS_OUTPUT_BUCKET; default: the photos' bucket)."),
+        click.option("--output-prefix", default=env.output_prefix, show_default=True,
+                     help="Key prefix for manifests (env DOGBREEDS_OUTPUT_PREFIX)."),
+        click.option("--batch-size", type=int, default=env.batch_size, show_default=True,
+                     help="Photos per inference micro-batch (env DOGBREEDS_BATCH_SIZE)."),
+        click.option("--download-threads", type=int, default=env.download_threads, show_default=True,
+                     help="Concurrent S3 downloads (env DOGBREEDS_DOWNLOAD_THREADS)."),
+        click.option("--top-k", type=int, default=env.top_k, show_default=True, help="Breeds kept per photo."),
+        click.option("--jsonl/--json", "jsonl", default=env.jsonl, show_default=True,
+                     help="Write manifests as JSON Lines (one item per line) or one JSON document."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@worker_options
+@click.option("--queue-url", default=lambda: os.environ.get("DOGBREEDS_QUEUE_URL"), required=True,
+              help="SQS queue URL (env DOGBREEDS_QUEUE_URL).")
+@click.option("--wait-seconds", type=int, default=20, show_default=True, help="Long-polling wait per receive.")
+@click.option("--visibility-timeout", type=int, default=300, show_default=True,
+              help="Seconds a received message stays hidden; renewed by a heartbeat while a batch runs.")
+@click.option("--heartbeat", type=float, default=60.0, show_default=True, help="Seconds between visibility renewals.")
+@click.option("--retry-delay", type=int, default=10, show_default=True,
+              help="Seconds before a failed message is visible again (it reaches the DLQ after maxReceiveCount).")
+@click.option("--max-messages", type=int, help="Stop after this many messages (batch runs).")
+@click.option("--until-empty", is_flag=True, help="Stop when a receive finds the queue empty.")
+def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, queue_url, wait_seconds,
+        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty):
+    """Consume the queue: S3 event notifications or job messages in, one manifest per message
+    out. SIGTERM/SIGINT finish the current batch, then stop. Logs are JSON lines; metrics
+    are CloudWatch EMF lines."""
+    from worker.jobs import OutputSettings
+    from worker.poller import Poller, PollerSettings
+    from worker.settings import client
+
+    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k)
+    poller = Poller(client("sqs"), pipeline, OutputSettings(output_bucket, output_prefix, jsonl),
+                    PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
+                                   heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
+                                   until_empty=until_empty))
+    poller.install_signal_handlers()
+    try:
+        summary = poller.run()
+    finally:
+        pipeline.close()
+    click.echo(json.dumps({"summary": summary.__dict__}), err=True)
+
+
+@main.command()
+@worker_options
+@click.argument("source")
+@click.option("--job-id", help="Manifest name (default: derived from SOURCE, so a rerun overwrites).")
+@click.option("--out", help="Where to write the manifest: a local file or s3://bucket/key "
+                            "(default: s3://<bucket>/<output-prefix>/<job-id>.json for S3 sources, "
+                            "./<job-id>.json for local folders).")
+def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, source, job_id, out):
+    """Classify every photo under SOURCE (a local folder or s3://bucket/prefix) and write one
+    manifest, without a queue."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from worker import manifests
+    from worker.messages import ImageRef, Job, expand_prefix_job
+    from worker.pipeline import LocalReader
+    from worker.s3uri import S3Uri
+
+    job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    if source.startswith("s3://"):
+        uri = S3Uri.parse(source)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k)
+        job = expand_prefix_job(Job(job_id, (), None, "prefix-job", prefix=uri.key, bucket=uri.bucket), pipeline.s3)
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise click.BadParameter(f"{source} is not a folder or s3:// prefix", param_hint="SOURCE")
+        from worker.images import IMAGE_SUFFIXES
+
+        keys = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader())
+        job = Job(job_id, tuple(ImageRef(str(root), k) for k in keys), None, "local-folder")
+    try:
+        with tqdm(total=len(job.refs), desc="classify", unit="img", file=sys.stderr) as bar:
+            items = pipeline.classify(list(job.refs), progress=bar.update)
+    finally:
+        pipeline.close()
+    document = manifests.build_manifest(job_id, job.source, pipeline.classifier.model_info, items)
+    if out is None:
+        out = (f"s3://{output_bucket or job.bucket}/{manifests.manifest_key(output_prefix, job_id, jsonl=jsonl)}"
+               if source.startswith("s3://") else f"{job_id}.{'jsonl' if jsonl else 'json'}")
+    if out.startswith("s3://"):
+        target = S3Uri.parse(out)
+        manifests.write_manifest(pipeline.s3, target.bucket, target.key, document, jsonl=jsonl)
+    else:
+        Path(out).write_text(document.to_jsonl() if jsonl else document.to_json())
+    click.echo(f"{document.counts['ok']} ok, {document.counts['error']} errors -> {out}")
+
+
 def _print_table(results: list[dict], top_k: int) -> None:
     width = max([len(r["path"]) for r in results] + [4])
     click.echo(f"{'photo'.ljust(width)}  {'breed':<28} {'score':>6}  others")

@@ -109,6 +109,8 @@ __all__ = [
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64_000_000
 MODEL_INPUT_SIZE = (224, 224)
+#: File name suffixes treated as photos when listing folders or S3 prefixes (case-insensitive).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 # --------------------------------------------------------------------------
 # Error codes

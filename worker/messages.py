@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import unquote_plus
 
+from worker import images
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "JOB_ID_PATTERN",
@@ -57,9 +59,7 @@ __all__ = [
     "parse_message",
 ]
 
-IMAGE_SUFFIXES: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
-)
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 
 SOURCE_S3_EVENT = "s3-event"
 SOURCE_JOB = "job"

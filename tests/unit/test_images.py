@@ -364,6 +364,12 @@ def test_truncated_png_inside_header():
     assert error_code(data[:20]) == "truncated"
 
 
+def test_png_missing_iend_is_truncated():
+    data = encode(two_colour(64, 48), "PNG")
+    assert data.endswith(png_chunk(b"IEND", b""))
+    assert error_code(data[:-12]) == "truncated"  # cut exactly at a chunk boundary
+
+
 @pytest.mark.parametrize("where", ["payload", "crc-field"])
 def test_png_bad_crc_is_corrupt(where):
     data = bytearray(encode(two_colour(64, 48), "PNG"))

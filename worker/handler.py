@@ -1,0 +1,58 @@
+"""AWS Lambda entry point: SQS event source with partial batch failures.
+
+Powertools' BatchProcessor reports exactly the failed message ids in ``batchItemFailures``
+(the function's event source mapping needs ``ReportBatchItemFailures``). All records of the
+event are classified together first (so one-photo S3 event messages still infer in full
+batches); the per-record handler then only reports each record's outcome. The model is loaded
+once per execution environment and reused across invocations."""
+
+from __future__ import annotations
+
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+
+from worker.classifier import Classifier
+from worker.jobs import OutputSettings, QueuedMessage, process_messages
+from worker.observability import logger, metrics, metrics_for_batch
+from worker.pipeline import Pipeline, PipelineSettings
+from worker.settings import WorkerEnvironment, client
+
+_pipeline: Pipeline | None = None  # the cached model: one per execution environment
+
+
+class MessageFailed(Exception):
+    """Raised by the record handler for a message whose job failed (it will be retried)."""
+
+
+def get_pipeline(env: WorkerEnvironment) -> Pipeline:
+    global _pipeline
+    if _pipeline is None:
+        if not env.model:
+            raise RuntimeError("DOGBREEDS_MODEL is not set: which model artifact should the worker serve?")
+        s3 = client("s3")
+        classifier = Classifier.load(env.model, top_k=env.top_k, s3=s3)
+        _pipeline = Pipeline(classifier, s3, PipelineSettings(batch_size=env.batch_size,
+                                                              download_threads=env.download_threads,
+                                                              top_k=env.top_k))
+        logger.info("model loaded", extra={"model": classifier.model_info})
+    return _pipeline
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def lambda_handler(event: dict, context) -> dict:
+    env = WorkerEnvironment.from_env()
+    pipeline = get_pipeline(env)
+    records = event.get("Records", [])
+    outcome = process_messages([QueuedMessage(r["messageId"], r["body"]) for r in records], pipeline,
+                               OutputSettings(env.output_bucket, env.output_prefix, env.jsonl))
+    by_id = {o.message_id: o for o in outcome.outcomes}
+    metrics_for_batch(outcome, flush=False)
+
+    def record_handler(record) -> dict:
+        result = by_id[record.message_id]
+        if not result.ok:
+            raise MessageFailed(result.reason)
+        return {"manifest": result.manifest}
+
+    return process_partial_response(event=event, record_handler=record_handler,
+                                    processor=BatchProcessor(event_type=EventType.SQS), context=context)

@@ -1,0 +1,114 @@
+"""Process a batch of queue messages: parse each into a job, classify the photos of every job
+in one pipeline pass (micro-batches cross message boundaries, so one-photo S3 event messages
+still infer in full batches), then write one manifest per job.
+
+Shared by the poller and the Lambda handler. A message counts as done only once its manifest
+is written; a message that failed is reported with its reason and left for the queue to
+redeliver (and, after maxReceiveCount, to move to the DLQ).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from worker import manifests
+from worker.messages import Job, MessageError, expand_prefix_job, parse_message
+from worker.observability import logger as log
+from worker.pipeline import Pipeline, TransientError
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    bucket: str | None = None  # None: the bucket the photos came from
+    prefix: str = "manifests"
+    jsonl: bool = False
+    max_prefix_keys: int = 100_000
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    message_id: str
+    body: str
+
+
+@dataclass
+class MessageOutcome:
+    message_id: str
+    ok: bool
+    job_id: str | None = None
+    manifest: str | None = None  # s3://bucket/key
+    reason: str | None = None  # why it failed
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchOutcome:
+    outcomes: list[MessageOutcome]
+    images: int
+    seconds: float
+
+    @property
+    def failed_ids(self) -> list[str]:
+        return [o.message_id for o in self.outcomes if not o.ok]
+
+    @property
+    def succeeded_ids(self) -> list[str]:
+        return [o.message_id for o in self.outcomes if o.ok]
+
+
+def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
+    started = time.perf_counter()
+    outcomes: dict[str, MessageOutcome] = {}
+    jobs: dict[str, Job] = {}
+    for message in messages:
+        try:
+            job = parse_message(message.body)
+            if job is None:  # s3:TestEvent: nothing to do, delete it
+                outcomes[message.message_id] = MessageOutcome(message.message_id, True, reason="ignored: s3:TestEvent")
+                continue
+            if job.prefix is not None:
+                job = expand_prefix_job(job, pipeline.s3, max_keys=output.max_prefix_keys)
+            jobs[message.message_id] = job
+        except MessageError as error:
+            log.warning("bad message", extra={"message_id": message.message_id, "code": error.code,
+                                              "reason": error.message})
+            outcomes[message.message_id] = MessageOutcome(message.message_id, False, reason=f"{error.code}: {error.message}")
+        except Exception as error:  # noqa: BLE001 - listing failed: retry the message later
+            log.warning("job expansion failed", extra={"message_id": message.message_id, "reason": str(error)})
+            outcomes[message.message_id] = MessageOutcome(message.message_id, False, reason=f"expand: {error}")
+
+    refs = [ref for job in jobs.values() for ref in job.refs]
+    try:
+        results = pipeline.classify(refs)
+    except TransientError as error:
+        # Retry them one message at a time so that one bad bucket does not fail the others.
+        results = None
+        log.warning("transient fault in a shared batch, retrying per message", extra={"reason": str(error)})
+    cursor = 0
+    for message_id, job in jobs.items():
+        try:
+            if results is not None:
+                items = results[cursor:cursor + len(job.refs)]
+                cursor += len(job.refs)
+            else:
+                items = pipeline.classify(list(job.refs))
+            outcomes[message_id] = _write(job, items, message_id, pipeline, output)
+        except TransientError as error:
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"transient: {error}")
+        except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
+            log.exception("manifest write failed", extra={"message_id": message_id})
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
+    ordered = [outcomes[m.message_id] for m in messages]
+    return BatchOutcome(ordered, len(refs), time.perf_counter() - started)
+
+
+def _write(job: Job, items, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
+    bucket = output.bucket or job.bucket or (job.refs[0].bucket if job.refs else None)
+    if bucket is None:
+        return MessageOutcome(message_id, True, job.job_id, reason="no photos in this event")
+    prefix = job.output_prefix if job.output_prefix is not None else output.prefix
+    key = manifests.manifest_key(prefix, job.job_id, jsonl=output.jsonl)
+    document = manifests.build_manifest(job.job_id, job.source, pipeline.classifier.model_info, items)
+    manifests.write_manifest(pipeline.s3, bucket, key, document, jsonl=output.jsonl)
+    return MessageOutcome(message_id, True, job.job_id, f"s3://{bucket}/{key}", counts=dict(document.counts))

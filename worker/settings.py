@@ -1,0 +1,57 @@
+"""Worker configuration from the environment (the Lambda function and the container read the
+same variables; the CLI's flags default to them). The S3/SQS endpoint is boto3's own
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL_SQS``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from botocore.config import Config
+
+ENV = {
+    "DOGBREEDS_MODEL": "model artifact URI (s3://bucket/models/<name>[/<version>], or a local folder)",
+    "DOGBREEDS_QUEUE_URL": "SQS queue URL the poller reads",
+    "DOGBREEDS_OUTPUT_BUCKET": "bucket for manifests (default: the bucket the photos came from)",
+    "DOGBREEDS_OUTPUT_PREFIX": "key prefix for manifests (default: manifests)",
+    "DOGBREEDS_BATCH_SIZE": "photos per inference micro-batch (default: 16)",
+    "DOGBREEDS_DOWNLOAD_THREADS": "concurrent S3 downloads (default: 8)",
+    "DOGBREEDS_TOP_K": "breeds kept per photo (default: 5)",
+    "DOGBREEDS_JSONL": "1 to write JSON Lines manifests (.jsonl) instead of JSON",
+    "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
+}
+
+#: boto3 retries with exponential backoff and jitter (throttling, 5xx, connection errors).
+BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32)
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    model: str | None
+    queue_url: str | None
+    output_bucket: str | None
+    output_prefix: str
+    batch_size: int
+    download_threads: int
+    top_k: int
+    jsonl: bool
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "WorkerEnvironment":
+        return cls(
+            model=env.get("DOGBREEDS_MODEL"),
+            queue_url=env.get("DOGBREEDS_QUEUE_URL"),
+            output_bucket=env.get("DOGBREEDS_OUTPUT_BUCKET") or None,
+            output_prefix=env.get("DOGBREEDS_OUTPUT_PREFIX", "manifests"),
+            batch_size=int(env.get("DOGBREEDS_BATCH_SIZE", "16")),
+            download_threads=int(env.get("DOGBREEDS_DOWNLOAD_THREADS", "8")),
+            top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
+            jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
+        )
+
+
+def client(service: str):
+    """A boto3 client with the worker's retry policy; endpoint from boto3's own settings."""
+    import boto3
+
+    return boto3.client(service, config=BOTO_CONFIG)
