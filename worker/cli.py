@@ -45,6 +45,7 @@ def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
 def predict(model_uri, paths, top_k, batch_size, as_json):
     """Top-k breeds for photos or folders of photos. Unreadable files are reported per file
     (with their error code) and never stop the run."""
+    import numpy as np
     from tqdm.auto import tqdm
 
     from worker.classifier import Classifier
@@ -52,31 +53,36 @@ def predict(model_uri, paths, top_k, batch_size, as_json):
 
     classifier = Classifier.load(model_uri, top_k=top_k)
     files, had_folder = _photo_paths(paths)
-    results = []
+    results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
+    printed = 0
+
+    def emit(index: int, result: dict) -> None:
+        nonlocal printed
+        results[index] = result
+        while printed < len(results) and results[printed] is not None:
+            if as_json:
+                click.echo(json.dumps(results[printed]))
+            printed += 1
 
     def flush(batch):
-        if not batch:
-            return
-        tops = classifier.classify([pixels for _, pixels in batch])
-        for (path, _), top in zip(batch, tops):
-            emit({"path": str(path), "status": "ok", "breed": top[0].breed, "synset": top[0].synset,
-                  "score": round(top[0].score, 4),
-                  "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)} for t in top]})
+        if batch:
+            tops = classifier.classify(np.stack([pixels for _, _, pixels in batch]))
+            for (index, path, _), top in zip(batch, tops):
+                emit(index, {"path": str(path), "status": "ok", "breed": top[0].breed, "synset": top[0].synset,
+                             "score": round(top[0].score, 4),
+                             "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)} for t in top]})
         batch.clear()
 
-    def emit(result):
-        results.append(result)
-        if as_json:
-            click.echo(json.dumps(result))
-
     batch = []
-    for path in tqdm(files, desc="classify", unit="img", disable=not had_folder or as_json, file=sys.stderr):
+    for index, path in enumerate(tqdm(files, desc="classify", unit="img", disable=not had_folder or as_json,
+                                      file=sys.stderr)):
         try:
-            batch.append((path, load_image(path.read_bytes(), size=classifier.input_size)))
+            batch.append((index, path, load_image(path.read_bytes(), size=classifier.input_size)))
         except ImageDecodeError as error:
-            emit({"path": str(path), "status": "error", "error_code": error.code, "error_message": error.message})
+            emit(index, {"path": str(path), "status": "error", "error_code": error.code, "error_message": error.message})
         except OSError as error:
-            emit({"path": str(path), "status": "error", "error_code": "unreadable_file", "error_message": str(error)})
+            emit(index, {"path": str(path), "status": "error", "error_code": "unreadable_file",
+                         "error_message": str(error)})
         if len(batch) >= batch_size:
             flush(batch)
     flush(batch)

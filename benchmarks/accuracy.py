@@ -1,0 +1,117 @@
+"""Accuracy benchmark (`make bench-accuracy`): top-1/top-5 on real photos for each model family
+and preprocessing choice, with wall time.
+
+- 11 breeds of ../shared/data/stanford-dogs-subset (those with >= 150 photos): trained on the
+  official Stanford train split (10% of it held out for validation / early stopping), tested
+  on the official test split.
+- 120 breeds of ../shared/data/stanford-dogs-64px (official split; 64x64 crops, so a pipeline
+  check at low resolution, not an accuracy claim).
+
+Backbone features are cached (``--cache-dir``), so a second run only retrains the heads.
+Prints a table; ``--json`` prints one JSON list of rows
+``{"model", "backbone", "weights", "preprocessing", "dataset", "top1", "top5", "seconds"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+
+# (model family, preprocessing, image size, augmented copies, dataset key)
+FULL = [
+    ("vgg16_transfer", "vgg", 224, 1, "subset"),
+    ("vgg16_finetune", "vgg", 224, 0, "subset"),
+    ("efficientnet_lite0_transfer", "vgg", 224, 1, "subset"),
+    ("vgg16_transfer", "equalize+vgg", 224, 1, "subset"),
+    ("vgg16_transfer", "seed", 224, 1, "subset"),
+    ("efficientnet_lite0_transfer", "equalize+vgg", 224, 1, "subset"),
+    ("vgg16_scratch_0", "seed", 64, 0, "subset"),
+    ("vgg16_scratch_1", "seed", 64, 0, "subset"),
+    ("vgg16_transfer", "vgg", 64, 0, "64px"),
+    ("efficientnet_lite0_transfer", "vgg", 64, 0, "64px"),
+]
+QUICK = [("vgg16_finetune", "vgg", 224, 0, "subset")]
+
+
+def dataset_config(key: str, data_root: Path) -> dict:
+    if key == "subset":
+        root = data_root / "stanford-dogs-subset"
+        return {"data": str(root), "split_file": str(root / "MANIFEST.tsv"), "min_photos": 150,
+                "val_fraction": 0.1, "name": "stanford-dogs-subset, 11 breeds, official split"}
+    root = data_root / "stanford-dogs-64px"
+    return {"data": str(root), "split_file": str(root / "MANIFEST.tsv"), "min_photos": 0, "val_fraction": 0.1,
+            "name": "stanford-dogs-64px, 120 breeds, official split"}
+
+
+def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, args) -> dict:
+    from trainer.experiment import RunConfig, fit_run
+
+    ds = dataset_config(key, Path(args.data_root))
+    scratch = family.startswith("vgg16_scratch")
+    config = RunConfig(data=ds["data"], model=family, preprocessing=preprocessing, split_file=ds["split_file"],
+                       min_photos=ds["min_photos"], val_fraction=ds["val_fraction"], image_size=size,
+                       augment_copies=copies, epochs=args.scratch_epochs if scratch else 80,
+                       patience=3 if scratch else 8, fine_tune_epochs=10, batch_size=32 if scratch else 64,
+                       cache_dir=args.cache_dir, seed=args.seed, progress=not args.json)
+    run_dir = Path(args.runs) / f"{key}-{family}-{preprocessing.replace('+', '_')}-{size}"
+    started = time.perf_counter()
+    run = fit_run(config, run_dir, verbose=0)
+    test = run["metrics"]["test"]
+    return {"model": family, "backbone": run["backbone"] if not scratch else "vgg16 (from scratch)",
+            "weights": run["weights"].get("kind"), "preprocessing": preprocessing, "dataset": ds["name"],
+            "image_size": size, "augment_copies": copies, "photos_test": test["photos"],
+            "top1": test["top1"], "top5": test["top5"], "seconds": round(time.perf_counter() - started, 1),
+            "seconds_detail": run["seconds"], "run_dir": str(run_dir)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Only the best VGG16 configuration on the 11 breeds.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON list of rows.")
+    parser.add_argument("--data-root", default=str(SHARED), help="Folder holding the shared datasets.")
+    parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "features"), help="Feature cache.")
+    parser.add_argument("--runs", default=str(ROOT / ".cache" / "bench-runs"), help="Where run folders go.")
+    parser.add_argument("--only", help="Comma-separated model families to run (default: all of the plan).")
+    parser.add_argument("--datasets", default="subset,64px", help="Which datasets: subset, 64px.")
+    parser.add_argument("--scratch-epochs", type=int, default=12, help="Epoch cap for from-scratch VGG16.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="Also write the JSON rows to this file (updated after every row).")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    if args.only:
+        plan = [row for row in plan if row[0] in args.only.split(",")]
+    plan = [row for row in plan if row[4] in args.datasets.split(",")]
+    if not (Path(args.data_root) / "stanford-dogs-subset").is_dir():
+        sys.exit(f"shared datasets not found under {args.data_root} (use --data-root)")
+    rows = []
+    for spec in plan:
+        if not args.json:
+            print(f"\n=== {spec[0]} / {spec[1]} / {spec[2]}px / {spec[3]} augmented copies / {spec[4]}", flush=True)
+        rows.append(run_row(*spec, args))
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+        if not args.json:
+            r = rows[-1]
+            print(f"--> top-1 {r['top1']:.1%}  top-5 {r['top5']:.1%}  ({r['seconds']:.0f}s)", flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"\n{'model':<28} {'backbone':<22} {'weights':<34} {'preproc':<13} {'data':<8} {'size':>4} "
+          f"{'top-1':>7} {'top-5':>7} {'seconds':>8}")
+    for r in rows:
+        data = "11 br." if "subset" in r["dataset"] else "120 br."
+        print(f"{r['model']:<28} {r['backbone']:<22} {r['weights']:<34} {r['preprocessing']:<13} {data:<8} "
+              f"{r['image_size']:>4} {r['top1']:>7.1%} {r['top5']:>7.1%} {r['seconds']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()

