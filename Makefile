@@ -28,5 +28,8 @@ bench: $(STAMP)
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py
 
+lint: $(STAMP)
+	$(BIN)/ruff check trainer worker benchmarks scripts infra tests
+
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output

@@ -67,9 +67,9 @@ class MotoServer:
             try:
                 urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).close()
                 return self
-            except OSError:
+            except OSError as error:
                 if self.process.poll() is not None:
-                    raise RuntimeError("moto_server exited at start")
+                    raise RuntimeError("moto_server exited at start") from error
                 time.sleep(0.2)
         raise RuntimeError(f"moto_server did not answer on {self.endpoint}")
 

@@ -111,7 +111,8 @@ def features_for(pixels: np.ndarray, *, extractor, cache: FeatureCache, backbone
         key = FeatureKey(pixels_sha256(batch), backbone, weights_sha256, preprocessing_choice, cut_layer, copy, seed)
         label = f"{desc} copy {copy}" if copy else (desc or "features")
         array, hit = cache.get_or_compute(
-            key, lambda: run_extractor(extractor, batch, batch_size, desc=label, progress=progress)
+            key, lambda batch=batch, label=label: run_extractor(extractor, batch, batch_size, desc=label,
+                                                                progress=progress)
         )
         if progress:
             state = "cached" if hit else f"computed in {time.perf_counter() - started:.0f}s"

@@ -14,8 +14,10 @@ Layout (locally, and under the S3 prefix ``<prefix>/<name>/<version>/``)::
 A registry (a local directory or an S3 prefix) holds ``<name>/<version>/`` artifacts and a
 ``<name>/latest`` text object whose content is the current version.
 
-This module is used by the worker and must not import ``trainer``; TensorFlow is imported
-lazily, only by :func:`load_artifact`.
+This module is used by the worker and must not import ``trainer``; TensorFlow (or OpenVINO)
+is imported lazily, only by :func:`load_artifact` when it loads a model of that runtime
+(:mod:`worker.runtimes`). ``manifest.json`` ``runtimes`` lists the model variants: ``tf``
+(``model/``, fp32, always there) and optional faster ones published beside it.
 """
 
 from __future__ import annotations
@@ -222,6 +224,7 @@ class LoadedArtifact:
     manifest: ArtifactManifest
     labels: list[Label]
     predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, H, W, 3) 0..255 -> (n, num_classes)
+    runtime: str = "tf"  # the manifest "runtimes" key serving predict (worker.runtimes)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -510,6 +513,11 @@ def verify_artifact(path: Path) -> ArtifactManifest:
     for required in (LABELS_FILE, README_FILE, SAVED_MODEL_PB):
         if required not in manifest.files:
             problems.append(f"manifest.json files: does not list required {required}")
+    for key, spec in sorted(manifest.runtimes.items()):  # each model variant must be checksummed
+        rel = spec.get("path") if isinstance(spec, dict) else None
+        if isinstance(rel, str) and not (_check_relpath(rel) is None and (
+                rel in manifest.files or any(f.startswith(rel + "/") for f in manifest.files))):
+            problems.append(f"manifest.json runtimes: {key!r} path {rel!r} is not listed in files")
 
     for rel, expected in sorted(manifest.files.items()):
         p = path / rel
@@ -760,41 +768,15 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None) -> Path:
     return local
 
 
-def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None) -> LoadedArtifact:
-    """Resolve + verify an artifact, load its SavedModel and wrap the ``serve`` signature."""
+def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, runtime: str | None = None) -> LoadedArtifact:
+    """Resolve + verify an artifact and load one of its runtimes (see :mod:`worker.runtimes`):
+    ``runtime`` None -> ``$DOGBREEDS_RUNTIME`` -> ``"auto"`` (the fastest variant whose recorded
+    agreement with fp32 passed, else the SavedModel's ``serve`` signature with TensorFlow)."""
+    from worker import runtimes  # runtimes imports this module
+
     path = resolve_artifact(uri, s3=s3, cache_dir=cache_dir)
     manifest = read_manifest(path)
     labels = read_labels(path)
-
-    import tensorflow as tf  # lazy: only loading a model needs TensorFlow
-
-    loaded = tf.saved_model.load(str(path / MODEL_DIR))
-    signatures = dict(loaded.signatures)
-    if SERVE_SIGNATURE not in signatures:
-        raise ArtifactError(f"{path / MODEL_DIR}: no {SERVE_SIGNATURE!r} signature (has {sorted(signatures)})")
-    fn = signatures[SERVE_SIGNATURE]
-    _, kw_specs = fn.structured_input_signature
-    if len(kw_specs) != 1:
-        raise ArtifactError(f"{SERVE_SIGNATURE!r} signature must take one input, takes {sorted(kw_specs)}")
-    (input_name, spec), = kw_specs.items()
-    outputs = list(fn.structured_outputs)
-    if len(outputs) != 1:
-        raise ArtifactError(f"{SERVE_SIGNATURE!r} signature must return one output, returns {outputs}")
-    output_name = outputs[0]
-    h, w = manifest.input_size
-    spec_hw = list(spec.shape)[1:3] if spec.shape.rank == 4 else None
-    if spec_hw and None not in spec_hw and spec_hw != [h, w]:
-        raise ArtifactError(f"SavedModel input is {spec_hw} but manifest input_size is {[h, w]}")
-    num_classes = manifest.num_classes
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        x = np.asarray(batch, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (h, w, 3):
-            raise ValueError(f"expected a float32 batch of shape (n, {h}, {w}, 3), got {x.shape}")
-        if x.shape[0] == 0:
-            return np.zeros((0, num_classes), dtype=np.float32)
-        out = fn(**{input_name: tf.constant(x)})[output_name]
-        return np.asarray(out.numpy(), dtype=np.float32)
-
-    predict._loaded = loaded  # keep the SavedModel (and its variables) alive with the function
-    return LoadedArtifact(path=Path(path), manifest=manifest, labels=labels, predict=predict)
+    entry = runtimes.select(manifest.runtimes, runtime)
+    predict = runtimes.load(path, entry, input_size=manifest.input_size, num_classes=manifest.num_classes)
+    return LoadedArtifact(path=Path(path), manifest=manifest, labels=labels, predict=predict, runtime=entry.key)

@@ -22,8 +22,10 @@ class Classifier:
     top_k: int = 5
 
     @classmethod
-    def load(cls, uri: str, top_k: int = 5, **kw) -> "Classifier":
-        return cls(load_artifact(uri, **kw), top_k)
+    def load(cls, uri: str, top_k: int = 5, runtime: str | None = None, **kw) -> "Classifier":
+        """``runtime``: a manifest runtimes key or runtime name; None -> $DOGBREEDS_RUNTIME -> auto
+        (see worker.runtimes.select)."""
+        return cls(load_artifact(uri, runtime=runtime, **kw), top_k)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -34,7 +36,7 @@ class Classifier:
     @property
     def model_info(self) -> dict:
         m = self.artifact.manifest
-        return {"name": m.name, "version": m.version, "runtime": "tf"}
+        return {"name": m.name, "version": m.version, "runtime": getattr(self.artifact, "runtime", "tf")}
 
     def classify(self, pixels: np.ndarray) -> list[list[BreedScore]]:
         """N x H x W x 3 uint8 -> for each photo, the top-k breeds, best first."""

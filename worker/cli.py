@@ -42,7 +42,10 @@ def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
 @click.option("--top-k", type=int, default=3, show_default=True, help="Breeds shown per photo.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (JSON Lines) instead of a table.")
-def predict(model_uri, paths, top_k, batch_size, as_json):
+@click.option("--runtime", envvar="DOGBREEDS_RUNTIME", default="auto", show_default=True,
+              help="Model variant: auto (the fastest one whose recorded agreement with fp32 passed), tf, "
+                   "openvino, or a key of the artifact's runtimes such as openvino-int8. Env: DOGBREEDS_RUNTIME.")
+def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
     """Top-k breeds for photos or folders of photos. Unreadable files are reported per file
     (with their error code) and never stop the run."""
     import numpy as np
@@ -51,7 +54,7 @@ def predict(model_uri, paths, top_k, batch_size, as_json):
     from worker.classifier import Classifier
     from worker.images import ImageDecodeError, load_image
 
-    classifier = Classifier.load(model_uri, top_k=top_k)
+    classifier = Classifier.load(model_uri, top_k=top_k, runtime=runtime)
     files, had_folder = _photo_paths(paths)
     results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
     printed = 0
@@ -93,13 +96,13 @@ def predict(model_uri, paths, top_k, batch_size, as_json):
         click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
 
 
-def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None):
+def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None):
     from worker.classifier import Classifier
     from worker.pipeline import Pipeline, PipelineSettings
     from worker.settings import client
 
     s3 = client("s3")
-    classifier = Classifier.load(model_uri, top_k=top_k, s3=s3)
+    classifier = Classifier.load(model_uri, top_k=top_k, s3=s3, runtime=runtime)
     return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k),
                     reader=reader)
 
@@ -123,6 +126,10 @@ def worker_options(command):
         click.option("--top-k", type=int, default=env.top_k, show_default=True, help="Breeds kept per photo."),
         click.option("--jsonl/--json", "jsonl", default=env.jsonl, show_default=True,
                      help="Write manifests as JSON Lines (one item per line) or one JSON document."),
+        click.option("--runtime", default=env.runtime, show_default=True,
+                     help="Model variant: auto (the fastest one whose recorded agreement with fp32 passed), tf, "
+                          "openvino, or a key of the artifact's runtimes such as openvino-int8 "
+                          "(env DOGBREEDS_RUNTIME)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -141,7 +148,7 @@ def worker_options(command):
               help="Seconds before a failed message is visible again (it reaches the DLQ after maxReceiveCount).")
 @click.option("--max-messages", type=int, help="Stop after this many messages (batch runs).")
 @click.option("--until-empty", is_flag=True, help="Stop when a receive finds the queue empty.")
-def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, queue_url, wait_seconds,
+def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, queue_url, wait_seconds,
         visibility_timeout, heartbeat, retry_delay, max_messages, until_empty):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. SIGTERM/SIGINT finish the current batch, then stop. Logs are JSON lines; metrics
@@ -150,7 +157,7 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     from worker.poller import Poller, PollerSettings
     from worker.settings import client
 
-    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k)
+    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
     poller = Poller(client("sqs"), pipeline, OutputSettings(output_bucket, output_prefix, jsonl),
                     PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
                                    heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
@@ -170,7 +177,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 @click.option("--out", help="Where to write the manifest: a local file or s3://bucket/key "
                             "(default: s3://<bucket>/<output-prefix>/<job-id>.json for S3 sources, "
                             "./<job-id>.json for local folders).")
-def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, source, job_id, out):
+def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, source, job_id,
+             out):
     """Classify every photo under SOURCE (a local folder or s3://bucket/prefix) and write one
     manifest, without a queue."""
     import hashlib
@@ -185,7 +193,7 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     if source.startswith("s3://"):
         uri = S3Uri.parse(source)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
         job = expand_prefix_job(Job(job_id, (), None, "prefix-job", prefix=uri.key, bucket=uri.bucket), pipeline.s3)
     else:
         root = Path(source)
@@ -195,7 +203,7 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
 
         keys = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader())
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime)
         job = Job(job_id, tuple(ImageRef(str(root), k) for k in keys), None, "local-folder")
     try:
         with tqdm(total=len(job.refs), desc="classify", unit="img", file=sys.stderr) as bar:

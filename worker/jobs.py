@@ -40,6 +40,7 @@ class MessageOutcome:
     manifest: str | None = None  # s3://bucket/key
     reason: str | None = None  # why it failed
     counts: dict = field(default_factory=dict)
+    timings_ms: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -111,4 +112,15 @@ def _write(job: Job, items, message_id: str, pipeline: Pipeline, output: OutputS
     key = manifests.manifest_key(prefix, job.job_id, jsonl=output.jsonl)
     document = manifests.build_manifest(job.job_id, job.source, pipeline.classifier.model_info, items)
     manifests.write_manifest(pipeline.s3, bucket, key, document, jsonl=output.jsonl)
-    return MessageOutcome(message_id, True, job.job_id, f"s3://{bucket}/{key}", counts=dict(document.counts))
+    return MessageOutcome(message_id, True, job.job_id, f"s3://{bucket}/{key}", counts=dict(document.counts),
+                          timings_ms=_stage_totals(items))
+
+
+def _stage_totals(items) -> dict[str, float]:
+    """Per-stage time of a job's photos (download, decode, infer): for logs and metrics, not the
+    manifest, whose content must not change when a message is redelivered."""
+    totals: dict[str, float] = {}
+    for item in items:
+        for stage, ms in item.timings_ms.items():
+            totals[stage] = round(totals.get(stage, 0.0) + ms, 3)
+    return totals

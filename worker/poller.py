@@ -128,6 +128,6 @@ class Poller:
             (logger.info if o.ok else logger.warning)(
                 "message done" if o.ok else "message failed",
                 extra={"message_id": o.message_id, "job_id": o.job_id, "manifest": o.manifest, "reason": o.reason,
-                       "counts": o.counts})
+                       "counts": o.counts, "timings_ms": o.timings_ms})
         metrics_for_batch(outcome)
         return outcome

@@ -18,6 +18,9 @@ ENV = {
     "DOGBREEDS_DOWNLOAD_THREADS": "concurrent S3 downloads (default: 8)",
     "DOGBREEDS_TOP_K": "breeds kept per photo (default: 5)",
     "DOGBREEDS_JSONL": "1 to write JSON Lines manifests (.jsonl) instead of JSON",
+    "DOGBREEDS_RUNTIME": "model variant: auto (default: the fastest one the artifact carries whose recorded "
+                         "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
+    "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
 }
 
@@ -35,6 +38,7 @@ class WorkerEnvironment:
     download_threads: int
     top_k: int
     jsonl: bool
+    runtime: str = "auto"
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -47,6 +51,7 @@ class WorkerEnvironment:
             download_threads=int(env.get("DOGBREEDS_DOWNLOAD_THREADS", "8")),
             top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
             jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
+            runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
         )
 
 

@@ -1,0 +1,583 @@
+"""Faults against moto's server mode: the real worker command (``python -m worker.cli run``) in a
+subprocess, SIGKILLed mid-batch and restarted; transient S3/SQS errors injected by a small HTTP proxy in
+front of moto; a tampered model artifact; and which messages reach the dead-letter queue.
+
+The promise under test: every photo of every message ends up in exactly one final manifest entry, and the
+DLQ only ever receives messages that can never be processed.
+
+:class:`FaultProxy` is a threaded HTTP/1.1 server on 127.0.0.1 that forwards every request to moto and,
+when its ``rule`` says so, instead answers 503 SlowDown / 500 InternalError, resets the connection
+(before forwarding, or after forwarding so the response is lost), cuts a GetObject body in half, or holds
+a request until the test releases it (a deterministic "kill point"). The worker's ``AWS_ENDPOINT_URL``
+points at the proxy; the test's own boto3 clients talk to moto directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import boto3
+import pytest
+
+from tests.conftest import COLOUR_BREEDS, ROOT, colour_photo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BUCKET = "faults"
+COLOURS = list(COLOUR_BREEDS.items())  # (folder, rgb)
+FAULTS = ("503", "500", "reset", "drop-response", "truncate")
+
+
+# --------------------------------------------------------------------------- the fault-injecting proxy
+class Request:
+    """What a rule sees of one proxied request."""
+
+    def __init__(self, n: int, method: str, path: str, target: str, body: bytes):
+        self.n, self.method, self.path, self.target = n, method, path, target
+        self.key = unquote(urlsplit(path).path)  # "/bucket/key" for S3 (path-style), "/" for SQS
+        self.identity = (method, path, target, hashlib.sha1(body).hexdigest())
+
+    @property
+    def is_sqs(self) -> bool:
+        return self.target.startswith("AmazonSQS.")
+
+    @property
+    def operation(self) -> str:
+        return self.target.split(".", 1)[1] if self.is_sqs else f"S3 {self.method}"
+
+    def is_object_get(self, prefix: str) -> bool:
+        return self.method == "GET" and not self.is_sqs and self.key.startswith(prefix) and "?" not in self.path
+
+
+class _Abort(Exception):
+    """Raised inside a handler to drop the connection without any further I/O."""
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream, rule) as proxy``: ``proxy.endpoint`` forwards to ``upstream``.
+
+    ``rule(request) -> action``, called once per request under a lock, returns ``"pass"`` or one of
+    ``FAULTS`` or ``"hold"``. ``proxy.log`` records ``(n, operation, key, action)`` for every request.
+    """
+
+    def __init__(self, upstream: str, rule):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port)
+        self.rule = rule
+        self.log: list[tuple[int, str, str, str]] = []
+        self.lock = threading.Lock()
+        self.holding = threading.Event()  # set while a request is held
+        self.release = threading.Event()
+        self._count = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (_Abort, ConnectionError):
+                    pass
+
+            def do_GET(self):
+                proxy._serve(self)
+
+            do_PUT = do_POST = do_HEAD = do_DELETE = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+    def actions(self) -> Counter:
+        return Counter(action for *_, action in self.log)
+
+    # -- one request
+    def _serve(self, handler: BaseHTTPRequestHandler) -> None:
+        body = _read_body(handler)
+        with self.lock:
+            self._count += 1
+            request = Request(self._count, handler.command, handler.path, handler.headers.get("X-Amz-Target", ""),
+                              body)
+            action = self.rule(request)
+            self.log.append((request.n, request.operation, request.key, action))
+        if action == "hold":
+            self.holding.set()
+            self.release.wait(timeout=300)
+            _reset(handler)  # a held request is never forwarded: its client was killed meanwhile
+        if action in ("503", "500"):
+            _error(handler, int(action), request)
+            return
+        if action == "reset":
+            _reset(handler)
+        status, headers, data = self._forward(handler, body)
+        if action == "drop-response":
+            _reset(handler)
+        handler.send_response_only(status)
+        for name, value in headers:
+            handler.send_header(name, value)
+        if handler.command != "HEAD":
+            handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if handler.command == "HEAD":
+            return
+        if action == "truncate" and len(data) > 1:
+            handler.wfile.write(data[: len(data) // 2])
+            handler.wfile.flush()
+            _reset(handler)
+        handler.wfile.write(data)
+
+    def _forward(self, handler, body: bytes):
+        connection = http.client.HTTPConnection(*self.upstream, timeout=60)
+        try:
+            connection.putrequest(handler.command, handler.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in handler.headers.items():
+                if name.lower() != "expect":  # the proxy already answered "100 Continue" itself
+                    connection.putheader(name, value)
+            connection.endheaders(body or None)
+            response = connection.getresponse()
+            data = response.read()
+            skip = {"connection", "keep-alive", "transfer-encoding", "server", "date"}
+            if handler.command != "HEAD":
+                skip.add("content-length")
+            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in skip]
+            return response.status, headers, data
+        finally:
+            connection.close()
+
+
+def _read_body(handler) -> bytes:
+    """The raw request body (a chunked body is passed on as received, with its framing)."""
+    if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+        raw = bytearray()
+        while True:
+            line = handler.rfile.readline(65537)
+            raw += line
+            size = int(line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while True:  # trailers, then the empty line
+                    trailer = handler.rfile.readline(65537)
+                    raw += trailer
+                    if trailer in (b"\r\n", b"\n", b""):
+                        return bytes(raw)
+            raw += handler.rfile.read(size + 2)
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else b""
+
+
+def _reset(handler) -> None:
+    """Close the connection with a TCP RST, nothing more written."""
+    handler.close_connection = True
+    try:
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    for closer in (handler.rfile.close, handler.wfile.close, handler.connection.close):
+        try:
+            closer()
+        except OSError:
+            pass
+    raise _Abort()
+
+
+def _error(handler, status: int, request: Request) -> None:
+    code, message = {503: ("SlowDown", "Please reduce your request rate."),
+                     500: ("InternalError", "We encountered an internal error. Please try again.")}[status]
+    if request.is_sqs:
+        body = json.dumps({"__type": f"com.amazonaws.sqs#{code}", "message": message}).encode()
+        content_type = "application/x-amz-json-1.0"
+    else:
+        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>" \
+               f"<RequestId>fault-{request.n}</RequestId></Error>".encode()
+        content_type = "application/xml"
+    handler.send_response_only(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def passthrough(_request: Request) -> str:
+    return "pass"
+
+
+# --------------------------------------------------------------------------- stack, photos, worker
+@pytest.fixture
+def stack(moto_server):
+    """Bucket with incoming/ -> queue notifications; the queue dead-letters after 3 receives."""
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    s3.create_bucket(Bucket=BUCKET)
+    dlq = sqs.create_queue(QueueName="faults-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue = sqs.create_queue(QueueName="faults", Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})})["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
+        "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
+        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "incoming/"}]}}}]})
+    return {"s3": s3, "sqs": sqs, "queue": queue, "dlq": dlq, "endpoint": moto_server}
+
+
+def put_jobs(s3, sqs, queue: str, n_jobs: int, per_job: int, prefix: str = "photos") -> dict[str, dict[str, str]]:
+    """Upload photos and send one job message per job; returns job_id -> {key: expected breed}."""
+    jobs = {}
+    for j in range(n_jobs):
+        job_id, expected = f"job-{j:02d}", {}
+        for p in range(per_job):
+            folder, rgb = COLOURS[(j + p) % len(COLOURS)]
+            key = f"{prefix}/{job_id}/p{p:02d}.jpg"
+            s3.put_object(Bucket=BUCKET, Key=key, Body=colour_photo(rgb, size=(64, 48), seed=j * 100 + p))
+            expected[key] = folder.split("-", 1)[1]
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"job_id": job_id, "bucket": BUCKET,
+                                                                 "keys": list(expected)}))
+        jobs[job_id] = expected
+    return jobs
+
+
+def manifests(s3, prefix: str = "manifests/") -> dict[str, bytes]:
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def queue_counts(sqs, queue: str) -> tuple[int, int]:
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+class Worker:
+    """``python -m worker.cli run`` in a subprocess, output to a log file."""
+
+    def __init__(self, log: Path, endpoint: str, model: str, queue: str, *args: str, extra_env=None):
+        self.log_path = log
+        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "DOGBREEDS_MODEL": model, "DOGBREEDS_QUEUE_URL": queue,
+               "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self._log = open(log, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", "--wait-seconds", "1", *args],
+                                        cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, n: int = 3000) -> str:
+        return self.output()[-n:]
+
+    def kill(self) -> int:
+        self.process.send_signal(signal.SIGKILL)
+        return self.wait(30)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(60)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self._log.close()
+
+
+def wait_until(predicate, timeout: float, worker: Worker | None = None, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if worker is not None and worker.process.poll() is not None:
+            pytest.fail(f"the worker exited ({worker.process.returncode}) while waiting for {what}:\n{worker.tail()}")
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}" + (f":\n{worker.tail()}" if worker else ""))
+
+
+def check_final_manifests(s3, jobs: dict[str, dict[str, str]]) -> dict[str, bytes]:
+    """Every job has exactly one manifest at its key, listing each of its photos exactly once, all ok with
+    the expected breed, and no photo appears in any other manifest."""
+    docs = manifests(s3)
+    assert sorted(docs) == sorted(f"manifests/{j}.json" for j in jobs)
+    seen = Counter()
+    for job_id, expected in jobs.items():
+        doc = json.loads(docs[f"manifests/{job_id}.json"])
+        keys = [item["key"] for item in doc["items"]]
+        seen.update(keys)
+        assert sorted(keys) == sorted(expected), job_id
+        bad = [(i["key"], i["status"], i.get("error_code"), i["breed"]) for i in doc["items"]
+               if i["status"] != "ok" or i["breed"] != expected[i["key"]]]
+        assert not bad, f"{job_id}: {bad}"
+        assert doc["counts"] == {"ok": len(expected), "error": 0}
+    assert max(seen.values()) == 1, [k for k, c in seen.items() if c > 1]
+    return docs
+
+
+def drained(sqs, queue):
+    return queue_counts(sqs, queue) == (0, 0)
+
+
+# --------------------------------------------------------------------------- (a) SIGKILL mid-batch
+@pytest.mark.parametrize("kill_point", ["while-fetching", "after-manifests-before-delete"])
+def test_sigkill_mid_batch_then_restart_loses_and_duplicates_nothing(stack, colour_artifact, tmp_path, kill_point):
+    """Two deterministic kill points, each held open by the proxy until the SIGKILL: a photo download in
+    the middle of a batch (nothing written yet), and the DeleteMessageBatch call after every manifest of
+    the batch was written (so the restarted worker redoes work that was already saved)."""
+    s3, sqs, queue = stack["s3"], stack["sqs"], stack["queue"]
+    jobs = put_jobs(s3, sqs, queue, n_jobs=12, per_job=20)
+    held = []
+
+    def hold_once(request: Request) -> str:
+        if held:
+            return "pass"
+        if kill_point == "while-fetching" and request.is_object_get(f"/{BUCKET}/photos/") \
+                and request.key.endswith("/p05.jpg"):
+            held.append(request)
+        elif kill_point == "after-manifests-before-delete" and request.operation == "DeleteMessageBatch":
+            held.append(request)
+        return "hold" if held else "pass"
+
+    args = ("--visibility-timeout", "5", "--heartbeat", "1.5", "--retry-delay", "1")
+    with FaultProxy(stack["endpoint"], hold_once) as proxy:
+        first = Worker(tmp_path / "first.log", proxy.endpoint, str(colour_artifact), queue, *args)
+        wait_until(proxy.holding.is_set, 120, first, "the kill point")
+        time.sleep(0.5)  # let the rest of the batch pile up behind the held request
+        written_before = manifests(s3)
+        visible, in_flight = queue_counts(sqs, queue)
+        assert first.kill() == -signal.SIGKILL
+        proxy.release.set()
+        assert in_flight > 0, "the kill must interrupt messages in flight"
+        if kill_point == "while-fetching":
+            assert written_before == {}, "the batch was still downloading"
+        else:  # every job message of the batch has its manifest (the batch may also hold the S3 TestEvent)
+            assert 0 < len(written_before) <= in_flight <= len(written_before) + 1
+
+        second = Worker(tmp_path / "second.log", proxy.endpoint, str(colour_artifact), queue, *args)
+        wait_until(lambda: len(manifests(s3)) == len(jobs) and drained(sqs, queue), 120, second, "all manifests")
+        assert second.stop() == 0, second.tail()
+
+    docs = check_final_manifests(s3, jobs)
+    for key, body in written_before.items():
+        assert docs[key] == body, f"{key} was rewritten with different content on redelivery"
+    assert not sqs.receive_message(QueueUrl=stack["dlq"], WaitTimeSeconds=0).get("Messages")
+    # nothing was deleted before the kill, so the restarted worker did (or redid) every job
+    redone = {json.loads(line)["job_id"] for line in second.output().splitlines() if '"message done"' in line}
+    assert redone - {None} == set(jobs), second.tail()
+
+
+# --------------------------------------------------------------------------- (b) transient S3/SQS faults
+def scheduled_faults(every: int = 3, max_in_a_row: int = 2, max_truncations: int = 2):
+    """A deterministic schedule per kind of request (SQS operation, photo GET, other S3 call): its 1st,
+    (1+every)th, (1+2*every)th, ... request fails, cycling through 503 SlowDown, 500, a reset before
+    forwarding and a reset after forwarding (the response is lost). Photo GETs also get bodies cut in half
+    (at most ``max_truncations``, never twice for one photo). The same request never fails more than
+    ``max_in_a_row`` times in a row (boto3 makes up to 8 attempts), and only one ReceiveMessage response is
+    lost (each loss counts as a receive towards the DLQ's maxReceiveCount, as in real SQS)."""
+    seen, used, streak = Counter(), Counter(), Counter()
+    truncated: set[str] = set()
+    once: set[str] = set()
+
+    def rule(request: Request) -> str:
+        op = "photo GET" if request.is_object_get(f"/{BUCKET}/photos/") else request.operation
+        seen[op] += 1
+        if seen[op] % every != 1 or streak[request.identity] >= max_in_a_row:
+            streak.pop(request.identity, None)
+            return "pass"
+        kinds = FAULTS if op == "photo GET" else FAULTS[:-1]
+        action = kinds[used[op] % len(kinds)]
+        used[op] += 1
+        if action == "truncate" and (request.key in truncated or len(truncated) >= max_truncations):
+            action = "503"
+        if action == "truncate":
+            truncated.add(request.key)
+        if action == "drop-response" and op == "ReceiveMessage":
+            action = "503" if op in once else action
+            once.add(op)
+        streak[request.identity] += 1
+        return action
+
+    return rule
+
+
+def test_transient_s3_and_sqs_errors_are_retried_and_fail_no_item(stack, colour_artifact, tmp_path):
+    s3, sqs, queue = stack["s3"], stack["sqs"], stack["queue"]
+    jobs = put_jobs(s3, sqs, queue, n_jobs=8, per_job=6)
+    with FaultProxy(stack["endpoint"], scheduled_faults()) as proxy:
+        worker = Worker(tmp_path / "worker.log", proxy.endpoint, str(colour_artifact), queue,
+                        "--visibility-timeout", "5", "--heartbeat", "1.5", "--retry-delay", "1", "--batch-size", "4")
+        wait_until(lambda: len(manifests(s3)) == len(jobs) and drained(sqs, queue), 150, worker, "all manifests")
+        assert worker.stop() == 0, worker.tail()
+
+    check_final_manifests(s3, jobs)
+    assert not sqs.receive_message(QueueUrl=stack["dlq"], WaitTimeSeconds=0).get("Messages")
+    actions = proxy.actions()
+    for fault in FAULTS:
+        assert actions[fault] >= 1, f"no {fault} was injected: {actions}"
+    faulted_ops = {op for _, op, _, action in proxy.log if action in ("503", "500", "reset", "drop-response")}
+    assert {"ReceiveMessage", "DeleteMessageBatch", "S3 GET", "S3 PUT"} <= faulted_ops, faulted_ops
+    # 503/500/resets are absorbed by boto3's own retries (same request again, later passed). Only a body
+    # cut in half -- which no HTTP-level retry sees -- may fail a message, which the queue then redelivers.
+    failed = worker.output().count('"message failed"')
+    print(f"faults injected: {dict(actions)}; failed messages (redelivered): {failed}")
+    assert failed <= actions["truncate"], f"{failed} failed messages for {actions['truncate']} truncations"
+    passed = {(op, key) for _, op, key, action in proxy.log if action == "pass"}
+    unretried = [(n, op, key) for n, op, key, action in proxy.log
+                 if action in ("503", "500", "reset") and (op, key) not in passed]
+    assert not unretried, unretried
+
+
+# --------------------------------------------------------------------------- (c) tampered model artifact
+TAMPERS = {
+    "model/variables/variables.data-00000-of-00001": lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 1])
+    + b[len(b) // 2 + 1:],
+    "model/saved_model.pb": lambda b: b[:-10] + bytes([b[-10] ^ 0x40]) + b[-9:],
+    "labels.json": lambda b: b.replace(b'"Chihuahua"', b'"@@tmp"').replace(b'"beagle"', b'"Chihuahua"')
+    .replace(b'"@@tmp"', b'"beagle"'),  # two breeds swapped: valid, and a wrong model
+}
+
+
+def test_a_tampered_model_artifact_is_refused_never_served(stack, colour_artifact, tmp_path):
+    from worker.artifact import upload_artifact
+
+    s3, sqs, queue = stack["s3"], stack["sqs"], stack["queue"]
+    model = upload_artifact(colour_artifact, f"s3://{BUCKET}/models", s3=s3)
+    assert model == f"s3://{BUCKET}/models/colours/v1"
+    red = f"photos/{COLOURS[0][0]}.jpg"
+    s3.put_object(Bucket=BUCKET, Key=red, Body=colour_photo(COLOURS[0][1], seed=1))
+    model_uri = f"s3://{BUCKET}/models/colours"  # follows models/colours/latest
+
+    def send(job_id):
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"job_id": job_id, "bucket": BUCKET, "keys": [red]}))
+
+    # control: the untampered artifact from S3 is served
+    send("control")
+    worker = Worker(tmp_path / "control.log", stack["endpoint"], model_uri, queue, "--until-empty",
+                    extra_env={"DOGBREEDS_CACHE": str(tmp_path / "cache-control")})
+    assert worker.wait(120) == 0, worker.tail()
+    control = json.loads(s3.get_object(Bucket=BUCKET, Key="manifests/control.json")["Body"].read())
+    assert control["items"][0]["breed"] == "Chihuahua"
+
+    send("after-tamper")
+    for i, (rel, tamper) in enumerate(TAMPERS.items()):
+        key = f"models/colours/v1/{rel}"
+        original = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        tampered = tamper(original)
+        assert tampered != original and len(tampered) == len(original)
+        s3.put_object(Bucket=BUCKET, Key=key, Body=tampered)
+        try:
+            worker = Worker(tmp_path / f"tampered-{i}.log", stack["endpoint"], model_uri, queue, "--until-empty",
+                            extra_env={"DOGBREEDS_CACHE": str(tmp_path / f"cache-{i}")})
+            code = worker.wait(120)
+        finally:
+            s3.put_object(Bucket=BUCKET, Key=key, Body=original)
+        out = worker.output()
+        assert code != 0, f"served a tampered artifact ({rel}):\n{out[-2000:]}"
+        assert f"{rel}: sha256 mismatch" in out and "ArtifactError" in out, out[-2000:]
+        assert "message done" not in out
+        assert queue_counts(sqs, queue) == (1, 0), "the job was not even received"
+        assert sorted(manifests(s3)) == ["manifests/control.json"]
+
+
+# --------------------------------------------------------------------------- (d) what reaches the DLQ
+def test_only_malformed_messages_reach_the_dlq(stack, colour_artifact, tmp_path):
+    """Good messages, a good message whose photos are all bad, messages whose photo download breaks twice
+    (a body cut off mid-way: the message fails, is redelivered and then succeeds), and malformed messages,
+    with maxReceiveCount 3: the DLQ ends up with exactly the malformed ones."""
+    s3, sqs, queue = stack["s3"], stack["sqs"], stack["queue"]
+    jobs = put_jobs(s3, sqs, queue, n_jobs=2, per_job=3)
+    flaky = {"flaky/a.jpg": COLOURS[1], "flaky/b.jpg": COLOURS[2]}
+    for key, (_, rgb) in flaky.items():
+        s3.put_object(Bucket=BUCKET, Key=key, Body=colour_photo(rgb, seed=5))
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"job_id": "flaky-job", "bucket": BUCKET,
+                                                             "keys": ["photos/job-00/p00.jpg", "flaky/a.jpg"]}))
+    jobs["flaky-job"] = {"photos/job-00/p00.jpg": jobs["job-00"]["photos/job-00/p00.jpg"],
+                         "flaky/a.jpg": COLOURS[1][0].split("-", 1)[1]}
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"job_id": "flaky-job-2", "bucket": BUCKET,
+                                                             "keys": ["flaky/b.jpg"]}))
+    jobs["flaky-job-2"] = {"flaky/b.jpg": COLOURS[2][0].split("-", 1)[1]}
+    s3.put_object(Bucket=BUCKET, Key="bad/notes.txt", Body=b"not a photo\n")
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"job_id": "all-bad", "bucket": BUCKET,
+                                                             "keys": ["bad/notes.txt", "bad/missing.jpg"]}))
+    s3.put_object(Bucket=BUCKET, Key="incoming/flaky event.jpg", Body=colour_photo(COLOURS[0][1], seed=6))
+    malformed = ["{not json", "plain text", json.dumps({"job_id": "no-keys", "bucket": BUCKET}),
+                 json.dumps({"job_id": "../escape", "bucket": BUCKET, "keys": ["a.jpg"]}),
+                 json.dumps({"job_id": "typo", "bucket": BUCKET, "keys": ["a.jpg"], "output_prefx": "x"}),
+                 json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put"}]}),
+                 json.dumps({"hello": "world"})]
+    for body in malformed:
+        sqs.send_message(QueueUrl=queue, MessageBody=body)
+
+    cut: Counter = Counter()
+
+    def flaky_downloads(request: Request) -> str:
+        if request.method == "GET" and not request.is_sqs and "flaky" in request.key and cut[request.key] < 2:
+            cut[request.key] += 1
+            return "truncate"
+        return "pass"
+
+    def done():
+        docs = manifests(s3)
+        dead = int(sqs.get_queue_attributes(QueueUrl=stack["dlq"], AttributeNames=["ApproximateNumberOfMessages"])
+                   ["Attributes"]["ApproximateNumberOfMessages"])
+        return len(docs) == len(jobs) + 2 and dead >= len(malformed) and drained(sqs, queue)
+
+    with FaultProxy(stack["endpoint"], flaky_downloads) as proxy:
+        worker = Worker(tmp_path / "worker.log", proxy.endpoint, str(colour_artifact), queue,
+                        "--visibility-timeout", "10", "--heartbeat", "3", "--retry-delay", "1")
+        wait_until(done, 120, worker, "the DLQ and the manifests")
+        time.sleep(1.5)  # anything else on its way to the DLQ would get there now
+        assert worker.stop() == 0, worker.tail()
+
+    dead = []
+    for _ in range(10):
+        got = sqs.receive_message(QueueUrl=stack["dlq"], MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                  VisibilityTimeout=60).get("Messages", [])
+        if not got:
+            break
+        dead += [m["Body"] for m in got]
+    assert sorted(dead) == sorted(malformed)
+    assert cut == {"/faults/flaky/a.jpg": 2, "/faults/flaky/b.jpg": 2, "/faults/incoming/flaky event.jpg": 2}
+    failed = [json.loads(line) for line in worker.output().splitlines() if '"message failed"' in line]
+    assert sum("transient" in (f.get("reason") or "") for f in failed) >= 3, "the flaky messages did fail first"
+
+    docs = manifests(s3)
+    all_bad = json.loads(docs.pop("manifests/all-bad.json"))
+    assert [(i["key"], i["error_code"]) for i in all_bad["items"]] == [("bad/missing.jpg", "not_found"),
+                                                                        ("bad/notes.txt", "not_an_image")]
+    (event_key,) = [k for k in docs if k.removesuffix(".json") not in {f"manifests/{j}" for j in jobs}]
+    event = json.loads(docs.pop(event_key))
+    assert [(i["key"], i["status"], i["breed"]) for i in event["items"]] == [("incoming/flaky event.jpg", "ok",
+                                                                             "Chihuahua")]
+    for job_id, expected in jobs.items():
+        doc = json.loads(docs[f"manifests/{job_id}.json"])
+        assert {i["key"]: (i["status"], i["breed"]) for i in doc["items"]} == {k: ("ok", b) for k, b in
+                                                                               expected.items()}

@@ -1,0 +1,281 @@
+"""Serving runtimes of a model artifact: which model file runs the inference, and how.
+
+An artifact always carries the TensorFlow SavedModel (``model/``, runtime ``tf``, fp32: the
+reference). ``dogbreeds-train publish`` may add faster variants next to it, e.g. an OpenVINO
+IR quantised to int8 (``model-openvino-int8/model.xml``). ``manifest.json`` lists them all in
+``runtimes``::
+
+    "runtimes": {
+      "tf": {"path": "model", "precision": "fp32"},            <- unchanged since schema 1
+      "openvino-int8": {"runtime": "openvino", "path": "model-openvino-int8/model.xml",
+                        "precision": "int8", "format": "openvino-ir",
+                        "agreement": {"reference": "tf", "photos": 110, "top1_agreement": 0.9945,
+                                      "threshold": 0.99, "passed": true, ...}, ...}
+    }
+
+Every variant takes what the SavedModel takes (float32 ``(n, H, W, 3)`` RGB 0..255, the
+preprocessing is inside) and returns the same probabilities. :func:`select` picks one:
+an explicit choice (``--runtime`` / ``$DOGBREEDS_RUNTIME``: a key such as ``openvino-int8``,
+or a runtime name such as ``openvino`` or ``tf``), else ``auto``: the fastest variant whose
+package is installed and whose recorded top-1 agreement with fp32 passed the threshold,
+else ``tf``. :func:`load` turns an entry into ``predict(batch) -> probs``.
+
+Nothing here imports TensorFlow or OpenVINO at module level: each is imported only when a
+model of that runtime is loaded, so a worker installed without TensorFlow
+(``dogbreeds[worker-lite]``) serves the OpenVINO variants.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "AGREEMENT_THRESHOLD",
+    "AUTO",
+    "RUNTIME_ENV",
+    "THREADS_ENV",
+    "RuntimeEntry",
+    "RuntimeSelectionError",
+    "entries",
+    "is_available",
+    "load",
+    "load_openvino_model",
+    "select",
+    "serving_threads",
+]
+
+RUNTIME_ENV = "DOGBREEDS_RUNTIME"
+THREADS_ENV = "DOGBREEDS_THREADS"
+AUTO = "auto"
+TF = "tf"
+OPENVINO = "openvino"
+AGREEMENT_THRESHOLD = 0.99  # top-1 agreement with fp32 on held-out photos needed for "auto"
+
+#: Expected speed relative to fp32 on a CPU (what "fastest" means when choosing automatically).
+PRECISION_SPEED = {"int8": 4.0, "bf16": 2.0, "fp16": 2.0, "fp32": 1.0}
+#: Python module each runtime needs (checked without importing it).
+RUNTIME_MODULES = {TF: "tensorflow", OPENVINO: "openvino"}
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class RuntimeSelectionError(ValueError):
+    """The requested runtime is not in the artifact, not installed, or none is usable."""
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    key: str  # the key in manifest.json "runtimes", e.g. "tf", "openvino-int8"
+    runtime: str  # "tf" | "openvino"
+    path: str  # relative to the artifact directory
+    precision: str  # "fp32" | "bf16" | "int8" ...
+    agreement: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Usable automatically: the fp32 reference itself, or a variant whose recorded
+        top-1 agreement with it passed the threshold at publish time."""
+        if self.runtime == TF and self.precision == "fp32":
+            return True
+        return bool(self.agreement.get("passed"))
+
+    @property
+    def speed(self) -> float:
+        measured = self.extra.get("relative_speed")
+        if isinstance(measured, (int, float)) and not isinstance(measured, bool) and measured > 0:
+            return float(measured)
+        return PRECISION_SPEED.get(self.precision, 1.0)
+
+
+def entries(runtimes: Mapping[str, Any]) -> list[RuntimeEntry]:
+    """The manifest's ``runtimes`` object as entries (malformed ones are skipped)."""
+    out = []
+    for key, spec in (runtimes or {}).items():
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("path"), str):
+            continue
+        runtime = spec.get("runtime") or str(key).split("-", 1)[0]
+        agreement = spec.get("agreement") if isinstance(spec.get("agreement"), Mapping) else {}
+        extra = {k: v for k, v in spec.items() if k not in ("runtime", "path", "precision", "agreement")}
+        out.append(RuntimeEntry(str(key), str(runtime), spec["path"], str(spec.get("precision", "fp32")),
+                                dict(agreement), extra))
+    return out
+
+
+def is_available(runtime: str) -> bool:
+    """Whether the runtime's Python package is installed (without importing it)."""
+    module = RUNTIME_MODULES.get(runtime)
+    if module is None:
+        return False
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def select(runtimes: Mapping[str, Any], requested: str | None = None, *,
+           available: Callable[[str], bool] = is_available) -> RuntimeEntry:
+    """Choose the runtime entry to serve with.
+
+    ``requested``: None -> ``$DOGBREEDS_RUNTIME`` -> ``"auto"``. ``"auto"``: among the
+    entries whose package is installed and that :attr:`RuntimeEntry.passed`, the fastest
+    (int8 > bf16 > fp32; ``tf`` wins ties). A key (``"openvino-int8"``) picks that entry
+    even if its agreement failed (an explicit choice); a runtime name (``"openvino"``,
+    ``"tf"``) picks the fastest passing entry of that runtime, else its fastest entry.
+    """
+    requested = (requested or os.environ.get(RUNTIME_ENV) or AUTO).strip()
+    all_entries = entries(runtimes)
+    if not all_entries:
+        raise RuntimeSelectionError("the artifact lists no runtimes")
+    keys = ", ".join(e.key for e in all_entries)
+
+    def rank(e: RuntimeEntry):
+        return (e.passed, e.speed, e.runtime == TF)
+
+    if requested == AUTO:
+        usable = [e for e in all_entries if e.passed and available(e.runtime)]
+        if not usable:
+            missing = sorted({RUNTIME_MODULES.get(e.runtime, e.runtime) for e in all_entries if e.passed})
+            raise RuntimeSelectionError(
+                f"no usable runtime: the artifact carries {keys} (usable automatically: "
+                f"{', '.join(e.key for e in all_entries if e.passed) or 'none'}), but "
+                f"{' / '.join(missing) or 'nothing'} is not installed "
+                "(pip install 'dogbreeds[worker-lite]' for OpenVINO, 'dogbreeds[worker-tf]' for TensorFlow)")
+        return max(usable, key=rank)
+
+    chosen = next((e for e in all_entries if e.key == requested), None)
+    if chosen is None:
+        of_runtime = [e for e in all_entries if e.runtime == requested]
+        if not of_runtime:
+            raise RuntimeSelectionError(f"runtime {requested!r} is not in this artifact (it carries: {keys})")
+        chosen = max(of_runtime, key=rank)
+    if not available(chosen.runtime):
+        raise RuntimeSelectionError(
+            f"runtime {chosen.key!r} needs the Python package {RUNTIME_MODULES.get(chosen.runtime, chosen.runtime)!r}, "
+            "which is not installed")
+    return chosen
+
+
+def serving_threads() -> int:
+    """Inference threads: ``$DOGBREEDS_THREADS``, else the CPUs this process may run on."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _checked(fn: Callable[[np.ndarray], np.ndarray], input_size, num_classes: int) -> Predict:
+    h, w = (int(v) for v in input_size)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (h, w, 3):
+            raise ValueError(f"expected a float32 batch of shape (n, {h}, {w}, 3), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros((0, num_classes), dtype=np.float32)
+        return fn(np.ascontiguousarray(x))
+
+    return predict
+
+
+def load(artifact_path: Path, entry: RuntimeEntry, *, input_size, num_classes: int,
+         threads: int | None = None) -> Predict:
+    """``predict(float32 (n, H, W, 3) RGB 0..255) -> (n, num_classes) probabilities``."""
+    from worker.artifact import ArtifactError
+
+    path = Path(artifact_path) / entry.path
+    threads = threads or serving_threads()
+    if entry.runtime == TF:
+        fn = _load_tf(path, input_size, threads)
+    elif entry.runtime == OPENVINO:
+        if not path.is_file():
+            raise ArtifactError(f"runtime {entry.key!r}: {path} is missing")
+        fn = load_openvino_model(path, entry.precision, threads=threads)
+    else:
+        raise RuntimeSelectionError(f"runtime {entry.runtime!r} ({entry.key}) is not supported by this worker")
+    predict = _checked(fn, input_size, num_classes)
+    predict._inner = fn  # keeps the model alive with the function
+    return predict
+
+
+# --------------------------------------------------------------------------- TensorFlow
+
+
+def _load_tf(model_dir: Path, input_size, threads: int):
+    from worker.artifact import SERVE_SIGNATURE, ArtifactError
+
+    import tensorflow as tf  # lazy: only the tf runtime needs TensorFlow
+
+    try:  # only possible before TensorFlow's runtime starts (first model load in this process)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+    loaded = tf.saved_model.load(str(model_dir))
+    signatures = dict(loaded.signatures)
+    if SERVE_SIGNATURE not in signatures:
+        raise ArtifactError(f"{model_dir}: no {SERVE_SIGNATURE!r} signature (has {sorted(signatures)})")
+    fn = signatures[SERVE_SIGNATURE]
+    _, kw_specs = fn.structured_input_signature
+    if len(kw_specs) != 1:
+        raise ArtifactError(f"{SERVE_SIGNATURE!r} signature must take one input, takes {sorted(kw_specs)}")
+    (input_name, spec), = kw_specs.items()
+    outputs = list(fn.structured_outputs)
+    if len(outputs) != 1:
+        raise ArtifactError(f"{SERVE_SIGNATURE!r} signature must return one output, returns {outputs}")
+    output_name = outputs[0]
+    h, w = input_size
+    spec_hw = list(spec.shape)[1:3] if spec.shape.rank == 4 else None
+    if spec_hw and None not in spec_hw and spec_hw != [h, w]:
+        raise ArtifactError(f"SavedModel input is {spec_hw} but manifest input_size is {[h, w]}")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = fn(**{input_name: tf.constant(x)})[output_name]
+        return np.asarray(out.numpy(), dtype=np.float32)
+
+    run._loaded = loaded  # keep the SavedModel (and its variables) alive with the function
+    return run
+
+
+# --------------------------------------------------------------------------- OpenVINO
+
+_OPENVINO_HINTS = {"bf16": "bf16", "fp16": "f16"}  # anything else (int8, fp32): f32 for the float parts
+
+
+def load_openvino_model(xml_path: Path, precision: str = "fp32", *, threads: int | None = None):
+    """Compile an OpenVINO IR for the CPU: one stream (a batch per call), ``threads`` threads,
+    the inference precision of ``precision`` (bf16 -> bf16 where the CPU has it; int8 IRs run
+    their quantised layers in int8 and the rest in f32). Returns ``run(x) -> probs``."""
+    import openvino as ov  # lazy: only this runtime needs OpenVINO
+
+    core = ov.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": int(threads or serving_threads()),
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": _OPENVINO_HINTS.get(precision, "f32"),
+    }
+    model = core.read_model(str(xml_path))
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(f"{xml_path}: expected one input and one output, got {len(model.inputs)}/{len(model.outputs)}")
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    lock = threading.Lock()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with lock:  # one infer request: calls are serialised
+            request.infer({0: x}, share_inputs=True)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+    run._compiled = compiled
+    return run
