@@ -185,12 +185,15 @@ def evaluate(run_dir, data):
                    "and <to>/<name>/latest names it.")
 @click.option("--name", default="dogbreeds", show_default=True, help="Model name.")
 @click.option("--version", help="Version (default: a UTC timestamp).")
-def publish(run_dir, destination, name, version):
+@click.option("--fast-runtimes/--tf-only", default=True, show_default=True,
+              help="Also write OpenVINO int8 (calibrated on the training photos) and bf16 variants beside the "
+                   "SavedModel, with their top-1 agreement with fp32 on the held-out photos.")
+def publish(run_dir, destination, name, version, fast_runtimes):
     """Build the model artifact of a run (inference model with its preprocessing, labels,
     manifest with checksums, model card, plots) and publish it, moving `latest`."""
     from trainer.publish import publish as do_publish
 
-    where = do_publish(Path(run_dir), destination, name, version)
+    where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes)
     click.echo(f"published {where}")
 
 

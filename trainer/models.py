@@ -73,7 +73,7 @@ def _learning_rate(hp: kt.HyperParameters) -> float:
 
 def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
     """Pooling, dropout, an optional hidden layer, softmax: the transfer head."""
-    pooling = hp.Choice("pooling", ["avg", "avgmax", "flatten"], default="avg")
+    pooling = hp.Choice("pooling", ["avg", "avgmax", "flatten"], default="avgmax")
     if pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "avgmax":
@@ -84,11 +84,11 @@ def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
         x = layers.Flatten(name="flatten")(x)
     # Backbone activations are large and uneven (VGG16's reach hundreds): normalise them.
     x = layers.BatchNormalization(name="feature_norm")(x)
-    x = layers.Dropout(hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.3), name="dropout_0")(x)
+    x = layers.Dropout(hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.5), name="dropout_0")(x)
     units = hp.Choice("units", [0, 256, 512, 1024], default=512)
     if units:
         x = layers.Dense(units, activation=hp.Choice("activation", ACTIVATIONS, default="relu"), name="hidden")(x)
-        x = layers.Dropout(hp.Float("dropout_hidden", 0.0, 0.7, step=0.1, default=0.3), name="dropout_1")(x)
+        x = layers.Dropout(hp.Float("dropout_hidden", 0.0, 0.7, step=0.1, default=0.5), name="dropout_1")(x)
     return layers.Dense(num_classes, activation="softmax", name="breed")(x)
 
 

@@ -25,6 +25,21 @@ class TrainingData:
     def one_hot(self, y: np.ndarray) -> np.ndarray:
         return keras.utils.to_categorical(y, self.num_classes)
 
+    def datasets(self, batch_size: int, seed: int = 0):
+        """In-memory tf.data pipelines (train shuffled each epoch). Keras's NumPy adapter costs
+        ~10x more per epoch on large float16 feature arrays (measured: 13 s vs 1 s for 6,000
+        7x7x512 maps)."""
+        import tensorflow as tf
+
+        train = (tf.data.Dataset.from_tensor_slices((self.x_train, self.one_hot(self.y_train)))
+                 .shuffle(len(self.x_train), seed=seed, reshuffle_each_iteration=True)
+                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        val = None
+        if len(self.x_val):
+            val = (tf.data.Dataset.from_tensor_slices((self.x_val, self.one_hot(self.y_val)))
+                   .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+        return train, val
+
 
 @dataclass
 class FitResult:
@@ -53,32 +68,59 @@ def fit(family: ModelFamily, model: keras.Model, data: TrainingData, hp_values: 
     the last finished epoch when called again with the same ``run_dir``."""
     keras.utils.set_random_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    y_train, y_val = data.one_hot(data.y_train), data.one_hot(data.y_val)
-    validation = (data.x_val, y_val) if len(data.x_val) else None
-    monitor = "val_loss" if validation else "loss"
+    train, validation = data.datasets(batch_size, seed)
+    monitor = "val_loss" if validation is not None else "loss"
     history: dict[str, list[float]] = {}
     phases = []
 
-    def run_phase(name: str, n_epochs: int, learning_rate: float) -> None:
-        h = model.fit(data.x_train, y_train, validation_data=validation, epochs=n_epochs, batch_size=batch_size,
-                      shuffle=True, callbacks=_callbacks(run_dir, name, patience, monitor), verbose=verbose)
+    def run_phase(name: str, trained: keras.Model, datasets, n_epochs: int, learning_rate: float) -> None:
+        h = trained.fit(datasets[0], validation_data=datasets[1], epochs=n_epochs,
+                        callbacks=_callbacks(run_dir, name, patience, monitor), verbose=verbose)
         for k, v in h.history.items():
             history.setdefault(k, []).extend(float(x) for x in v)
         monitored = h.history.get(monitor, [0.0])
         phases.append({"phase": name, "epochs": len(monitored), "learning_rate": learning_rate,
                        "best_epoch": int(np.argmin(monitored)) + 1 if monitored else 0})
 
-    run_phase("head", epochs, float(hp_values.get("lr", 1e-3)))
+    lr = float(hp_values.get("lr", 1e-3))
+    if family.fine_tune_layers and family.fine_tune_layers[-1] != model.layers[-1].name:
+        # Phase one trains only the head: run the frozen layers once over the data instead of
+        # at every epoch, then train the head on their outputs.
+        last_frozen = _find_layer(model, _frozen_output_layer(model, family)).output
+        frozen = keras.Model(model.input, last_frozen)
+        head = keras.Model(last_frozen, model.output)
+        head.compile(optimizer=keras.optimizers.Adam(lr), loss=model.loss, metrics=_metrics())
+        head_data = TrainingData(_run(frozen, data.x_train), data.y_train, _run(frozen, data.x_val), data.y_val,
+                                 data.num_classes)
+        run_phase("head", head, head_data.datasets(batch_size, seed), epochs, lr)
+    else:
+        run_phase("head", model, (train, validation), epochs, lr)
     if family.fine_tune_layers and fine_tune_epochs > 0:
         for name in family.fine_tune_layers:
             _find_layer(model, name).trainable = True
         lr = float(hp_values.get("fine_tune_lr", 3e-5))
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=model.loss, metrics=_metrics())
-        run_phase("fine_tune", fine_tune_epochs, lr)
+        run_phase("fine_tune", model, (train, validation), fine_tune_epochs, lr)
 
     (run_dir / "history.json").write_text(json.dumps({"history": history, "phases": phases}, indent=1))
     stopped = any(p["epochs"] < (epochs if p["phase"] == "head" else fine_tune_epochs) for p in phases)
     return FitResult(model, history, phases, stopped)
+
+
+def _frozen_output_layer(model: keras.Model, family: ModelFamily) -> str:
+    """The layer right after the fine-tuned ones (e.g. block5_pool after block5_conv1..3)."""
+    names = [layer.name for layer in model.layers]
+    last = max(names.index(_find_layer(model, n).name) for n in family.fine_tune_layers)
+    return names[last + 1]
+
+
+def _run(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Inference over an array in batches through one traced function."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda batch: model(batch, training=False))
+    out = [forward(tf.constant(x[i:i + batch_size], tf.float32)).numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.float16) if out else np.zeros((0, *model.output_shape[1:]), np.float16)
 
 
 def _metrics():

@@ -42,11 +42,10 @@ def tune(prepared: Prepared, out_dir: Path, *, kind: str = "random", max_trials:
         return models.build(family_name, hp, ctx)
 
     tuner = make_tuner(kind, hypermodel, out_dir, max_trials, epochs, prepared.config.seed, overwrite)
-    data = prepared.training_data()
+    train, val = prepared.training_data().datasets(batch_size, prepared.config.seed)
     started = time.perf_counter()
     tuner.search(
-        data.x_train, data.one_hot(data.y_train), validation_data=(data.x_val, data.one_hot(data.y_val)),
-        epochs=epochs, batch_size=batch_size, verbose=verbose,
+        train, validation_data=val, epochs=epochs, verbose=verbose,
         callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)],
     )
     seconds = time.perf_counter() - started

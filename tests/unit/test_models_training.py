@@ -27,7 +27,7 @@ def test_registry_names_and_unknown_family():
 def test_fixed_hyperparameters_are_used_and_defaults_fill_the_rest():
     hp = models.fixed_hyperparameters({"lr": 0.005, "units": 0, "pooling": "avgmax"})
     model = models.build("vgg16_transfer", hp, ctx(feature_shape=(7, 7, 512)))
-    assert hp.values["lr"] == 0.005 and hp.values["dropout"] == 0.3  # default
+    assert hp.values["lr"] == 0.005 and hp.values["dropout"] == 0.5  # default
     assert float(model.optimizer.learning_rate) == pytest.approx(0.005)
     assert "hidden" not in [layer.name for layer in model.layers]  # units=0: no hidden layer
     assert model.output_shape == (None, 4)

@@ -1,0 +1,152 @@
+"""Faster serving variants of a published model, written beside the TensorFlow SavedModel.
+
+Chosen by measurement on a 2-core AVX-512 (VNNI, BF16) CPU with VGG16 (see
+benchmarks/throughput.py): TensorFlow fp32 serves ~7.3 images/s (the fp32 FMA ceiling is ~7.6);
+OpenVINO int8 ~28, OpenVINO bf16 ~14; LiteRT int8 and ONNX Runtime QDQ int8 come close to
+OpenVINO but need a second conversion path (tf.lite / tf2onnx), and ONNX Runtime's dynamic int8
+is slower than fp32. So the artifact carries:
+
+- ``model-openvino-int8/model.xml|bin``: the SavedModel converted by ``openvino.convert_model``,
+  then post-training quantised by NNCF: int8 weights (symmetric, per output channel) and
+  activations (per tensor), calibrated on the run's *training* photos; the dense head (MatMul
+  layers) stays in float, and so does the first convolution (1/180 of VGG16's FLOPs, but it sees
+  raw pixels).
+- ``model-openvino-bf16/model.xml|bin``: the same conversion, weights stored as fp16, run with
+  ``INFERENCE_PRECISION_HINT=bf16`` (the CPU's AVX512-BF16 instructions; f32 where absent).
+
+Each variant's top-1 agreement with the fp32 SavedModel is measured here, on the run's held-out
+photos (validation + test split: never used to fit weights), through the same loader the worker
+uses (:func:`worker.runtimes.load_openvino_model`), and recorded in the manifest with a pass/fail
+against :data:`worker.runtimes.AGREEMENT_THRESHOLD`; the worker's ``auto`` choice only takes
+variants that passed.
+
+Needs ``openvino`` and (for int8) ``nncf``, both in the ``train`` extra; without them publishing
+still works and writes the SavedModel only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from worker import runtimes
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("int8", "bf16")
+MAX_CALIBRATION = 300  # NNCF's default subset size
+BATCH = 16
+
+
+def available() -> bool:
+    return runtimes.is_available("openvino")
+
+
+def _predict_all(predict, pixels: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    return np.concatenate([predict(pixels[i:i + batch].astype(np.float32)) for i in range(0, len(pixels), batch)])
+
+
+def agreement(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None = None,
+              threshold: float = runtimes.AGREEMENT_THRESHOLD) -> dict:
+    """Top-1 agreement of ``probs`` with ``reference`` (and both top-1 accuracies when labels
+    are given), as recorded in manifest ``runtimes.<key>.agreement``."""
+    ref_top, top = reference.argmax(1), probs.argmax(1)
+    agree = float((ref_top == top).mean()) if len(top) else 0.0
+    out = {"reference": "tf", "photos": int(len(top)), "top1_agreement": round(agree, 4),
+           "threshold": threshold, "passed": bool(len(top) > 0 and agree >= threshold),
+           "max_abs_prob_diff": round(float(np.abs(reference - probs).max()) if len(top) else 0.0, 4)}
+    if labels is not None and len(top):
+        out["fp32_top1"] = round(float((ref_top == labels).mean()), 4)
+        out["top1"] = round(float((top == labels).mean()), 4)
+    return out
+
+
+def first_convolution(model) -> str | None:
+    return next((op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"), None)
+
+
+def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] = ("head", "first_conv")):
+    """NNCF post-training int8 quantisation of an OpenVINO model (not saved)."""
+    import nncf
+
+    names = []
+    if "first_conv" in keep_float:
+        first = first_convolution(model)
+        names += [first] if first else []
+    types = ["MatMul"] if "head" in keep_float else []
+    scope = nncf.IgnoredScope(names=names, types=types, validate=False) if names or types else None
+    dataset = nncf.Dataset(list(calibration), lambda image: image[None].astype(np.float32))
+    kwargs = {"ignored_scope": scope} if scope else {}
+    return nncf.quantize(model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
+                         **kwargs)
+
+
+def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration: np.ndarray, heldout: np.ndarray,
+                            heldout_labels: np.ndarray | None = None, reference: np.ndarray | None = None,
+                            variants: Sequence[str] = VARIANTS, threads: int | None = None,
+                            keep_float: Sequence[str] = ("head", "first_conv")) -> tuple[dict[str, Path], dict]:
+    """Convert ``saved_model_dir`` (the artifact's SavedModel) to OpenVINO variants under
+    ``out_dir``; measure each against ``reference`` (fp32 probabilities of ``heldout``; computed
+    with the SavedModel when None). Returns (artifact-relative path -> file, manifest runtimes
+    entries). ``calibration`` and ``heldout`` are uint8 ``(n, H, W, 3)`` photos."""
+    import openvino as ov
+
+    out_dir = Path(out_dir)
+    heldout = np.asarray(heldout)
+    input_size = list(heldout.shape[1:3])
+    if reference is None:
+        tf_entry = runtimes.RuntimeEntry("tf", "tf", ".", "fp32")
+        predict_tf = runtimes.load(Path(saved_model_dir), tf_entry, input_size=input_size, num_classes=0, threads=threads)
+        reference = _predict_all(predict_tf, heldout)
+
+    started = time.perf_counter()
+    model = ov.convert_model(str(saved_model_dir))
+    converted_s = time.perf_counter() - started
+    files: dict[str, Path] = {}
+    entries: dict[str, dict] = {}
+    for precision in variants:
+        key = f"openvino-{precision}"
+        folder = f"model-{key}"
+        started = time.perf_counter()
+        extra: dict = {}
+        if precision == "int8":
+            if len(calibration) == 0:
+                log.warning("no calibration photos: skipping the int8 variant")
+                continue
+            calib = np.asarray(calibration)[:MAX_CALIBRATION]
+            variant = quantize_int8(model, calib, keep_float=keep_float)
+            ov.save_model(variant, str(out_dir / folder / "model.xml"), compress_to_fp16=False)
+            extra["quantization"] = {
+                "tool": "nncf post-training quantisation", "preset": "performance",
+                "weights": "int8 symmetric, per output channel", "activations": "int8 per tensor",
+                "calibration_photos": int(len(calib)), "calibration_split": "train",
+                "kept_in_float": [{"head": "dense head (MatMul)", "first_conv": "first convolution"}[k]
+                                  for k in keep_float],
+            }
+        elif precision in ("bf16", "fp32"):
+            ov.save_model(model, str(out_dir / folder / "model.xml"), compress_to_fp16=precision == "bf16")
+            if precision == "bf16":
+                extra["weights"] = "stored fp16, computed bf16 (INFERENCE_PRECISION_HINT=bf16)"
+        else:
+            raise ValueError(f"unknown OpenVINO variant precision {precision!r}")
+        build_s = time.perf_counter() - started + converted_s
+        xml = out_dir / folder / "model.xml"
+        predict = runtimes.load_openvino_model(xml, precision, threads=threads)
+        started = time.perf_counter()
+        probs = _predict_all(predict, heldout)
+        seconds = time.perf_counter() - started
+        measured = agreement(reference, probs, heldout_labels)
+        measured["photos_split"] = "val+test"
+        entries[key] = {"runtime": "openvino", "path": f"{folder}/model.xml", "precision": precision,
+                        "format": "openvino-ir", "openvino": ov.get_version().split("-")[0], **extra,
+                        "agreement": measured,
+                        "publish_seconds": {"build": round(build_s, 1), "agreement": round(seconds, 1)}}
+        for name in ("model.xml", "model.bin"):
+            files[f"{folder}/{name}"] = out_dir / folder / name
+        log.info("%s: top-1 agreement %.2f%% on %d photos (%s)", key, 100 * measured["top1_agreement"],
+                 measured["photos"], "passed" if measured["passed"] else "FAILED")
+    return files, entries
