@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test lint bench bench-accuracy clean
+.PHONY: install demo test lint bench bench-accuracy clean check-infra container container-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,14 @@ bench-accuracy: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check trainer worker benchmarks scripts infra tests
 
+check-infra: $(STAMP)
+	infra/check.sh
+
+container:
+	infra/container.sh build
+
+container-test: $(STAMP)
+	infra/container.sh test
+
 clean:
-	rm -rf $(VENV) build *.egg-info demo-output
+	rm -rf $(VENV) .venv-tools build *.egg-info demo-output

@@ -29,6 +29,7 @@ SHARED = ROOT.parent / "shared" / "data"
 # (model family, preprocessing, image size, augmented copies, dataset key)
 FULL = [
     ("vgg16_transfer", "vgg", 224, 1, "subset"),
+    ("vgg16_transfer", "vgg", 224, 1, "subset", "tuned"),
     ("vgg16_finetune", "vgg", 224, 0, "subset"),
     ("efficientnet_lite0_transfer", "vgg", 224, 1, "subset"),
     # the preprocessing comparison: same model, same data, no augmentation
@@ -62,8 +63,10 @@ def dataset_config(key: str, data_root: Path) -> dict:
             "name": "stanford-dogs-64px, 120 breeds, official split"}
 
 
-def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, args) -> dict:
-    from trainer.experiment import RunConfig, fit_run
+def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, args, variant: str = "") -> dict:
+    """One configuration: fit with default hyper-parameters, or (variant "tuned") first a
+    20-trial Keras Tuner random search on the validation split, then fit with the best."""
+    from trainer.experiment import RunConfig, fit_run, prepare
 
     ds = dataset_config(key, Path(args.data_root))
     scratch = family.startswith("vgg16_scratch")
@@ -73,15 +76,24 @@ def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, a
                        augment_copies=copies, epochs=args.scratch_epochs if scratch else 80,
                        patience=3 if scratch else 8, fine_tune_epochs=10, batch_size=32 if scratch else 64,
                        cache_dir=args.cache_dir, seed=args.seed, progress=not args.json)
-    run_dir = Path(args.runs) / f"{key}-{family}-{preprocessing.replace('+', '_')}-{size}-c{copies}"
+    run_dir = Path(args.runs) / f"{key}-{family}-{preprocessing.replace('+', '_')}-{size}-c{copies}{variant}"
     started = time.perf_counter()
-    run = fit_run(config, run_dir, verbose=0)
+    prepared = prepare(config)
+    tune_seconds = None
+    if variant == "tuned":
+        from trainer.tuning import tune
+
+        tuned = tune(prepared, run_dir / "tuning", kind="random", max_trials=20, epochs=30, overwrite=True)
+        config.hyperparameters = tuned["best_hyperparameters"]
+        tune_seconds = tuned["seconds"]
+    run = fit_run(config, run_dir, prepared=prepared, verbose=0)
     test = run["metrics"]["test"]
     return {"model": family, "backbone": run["backbone"] if not scratch else "vgg16 (from scratch)",
             "weights": run["weights"].get("kind"), "preprocessing": preprocessing, "dataset": ds["name"],
             "image_size": size, "augment_copies": copies, "photos_test": test["photos"],
             "top1": test["top1"], "top5": test["top5"], "seconds": round(time.perf_counter() - started, 1),
-            "seconds_detail": run["seconds"], "run_dir": str(run_dir)}
+            "seconds_detail": {**run["seconds"], "tune": tune_seconds}, "hyperparameters": run["hyperparameters"],
+            "variant": variant or "defaults", "run_dir": str(run_dir)}
 
 
 def main() -> None:
@@ -101,13 +113,14 @@ def main() -> None:
     if args.only:
         plan = [row for row in plan if row[0] in args.only.split(",")]
     plan = [row for row in plan if row[4] in args.datasets.split(",")]
+    plan = [row if len(row) == 6 else (*row, "") for row in plan]
     if not (Path(args.data_root) / "stanford-dogs-subset").is_dir():
         sys.exit(f"shared datasets not found under {args.data_root} (use --data-root)")
     rows = []
     for spec in plan:
         if not args.json:
-            print(f"\n=== {spec[0]} / {spec[1]} / {spec[2]}px / {spec[3]} augmented copies / {spec[4]}", flush=True)
-        rows.append(run_row(*spec, args))
+            print(f"\n=== {' / '.join(map(str, spec))}", flush=True)
+        rows.append(run_row(*spec[:5], args, variant=spec[5]))
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1))
         if not args.json:
@@ -116,12 +129,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"\n{'model':<28} {'backbone':<22} {'weights':<34} {'preproc':<13} {'data':<8} {'size':>4} "
-          f"{'top-1':>7} {'top-5':>7} {'seconds':>8}")
+    print(f"\n{'model':<28} {'hp':<8} {'backbone':<20} {'weights':<18} {'preproc':<13} {'data':<8} {'size':>4} "
+          f"{'aug':>3} {'top-1':>7} {'top-5':>7} {'seconds':>8}")
     for r in rows:
         data = r["dataset"].split(", ")[1].replace(" breeds", " br.")
-        print(f"{r['model']:<28} {r['backbone']:<22} {r['weights']:<34} {r['preprocessing']:<13} {data:<8} "
-              f"{r['image_size']:>4} {r['top1']:>7.1%} {r['top5']:>7.1%} {r['seconds']:>8.0f}")
+        print(f"{r['model']:<28} {r['variant']:<8} {r['backbone']:<20} {r['weights']:<18} {r['preprocessing']:<13} "
+              f"{data:<8} {r['image_size']:>4} {r['augment_copies']:>3} {r['top1']:>7.1%} {r['top5']:>7.1%} "
+              f"{r['seconds']:>8.0f}")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def is_available(runtime: str) -> bool:
 
 
 def select(runtimes: Mapping[str, Any], requested: str | None = None, *,
-           available: Callable[[str], bool] = is_available) -> RuntimeEntry:
+           available: Callable[[str], bool] | None = None) -> RuntimeEntry:
     """Choose the runtime entry to serve with.
 
     ``requested``: None -> ``$DOGBREEDS_RUNTIME`` -> ``"auto"``. ``"auto"``: among the
@@ -131,6 +131,7 @@ def select(runtimes: Mapping[str, Any], requested: str | None = None, *,
     ``"tf"``) picks the fastest passing entry of that runtime, else its fastest entry.
     """
     requested = (requested or os.environ.get(RUNTIME_ENV) or AUTO).strip()
+    available = available or is_available
     all_entries = entries(runtimes)
     if not all_entries:
         raise RuntimeSelectionError("the artifact lists no runtimes")

@@ -34,9 +34,9 @@ def template() -> dict:
 def resolver(template, parameters) -> Resolver:
     return Resolver(template, parameters, pseudo={"AWS::AccountId": ACCOUNT, "AWS::Region": REGION,
                                                   "AWS::StackName": STACK},
-                    refs={"PhotoQueue": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{STACK}-PhotoQueue-ABC"},
-                    attributes={"PhotoQueue.Arn": QUEUE_ARN, "DeadLetterQueue.Arn": DLQ_ARN,
-                                "WorkerLogGroup.Arn": LOG_GROUP_ARN})
+                    refs={"PhotoQueue": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{STACK}-PhotoQueue-ABC",
+                          "WorkerLogGroup": f"/aws/lambda/{STACK}-worker"},
+                    attributes={"PhotoQueue.Arn": QUEUE_ARN, "DeadLetterQueue.Arn": DLQ_ARN})
 
 
 def expected_paths(parameters) -> dict[str, str]:

@@ -1,0 +1,297 @@
+"""Serving runtimes (worker.runtimes) and the fast variants publish writes (trainer.fast_runtimes):
+selection logic, OpenVINO conversion + int8/bf16 agreement on a TINY Keras model with the
+project's preprocessing layers, the artifact round trip, and serving without TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from worker import runtimes
+from worker.runtimes import RuntimeSelectionError, select
+
+from tests.conftest import COLOUR_BREEDS, colour_photo
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 32
+
+TF_ONLY = {"tf": {"path": "model", "precision": "fp32"}}
+
+
+def _variant(precision, passed=True, agreement=0.995):
+    return {"runtime": "openvino", "path": f"model-openvino-{precision}/model.xml", "precision": precision,
+            "agreement": {"reference": "tf", "photos": 200, "top1_agreement": agreement, "threshold": 0.99,
+                          "passed": passed}}
+
+
+def _all(int8_passed=True, bf16_passed=True):
+    return {**TF_ONLY, "openvino-int8": _variant("int8", int8_passed), "openvino-bf16": _variant("bf16", bf16_passed)}
+
+
+def everything(_runtime):
+    return True
+
+
+def only(*names):
+    return lambda runtime: runtime in names
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_old_manifest_selects_tf(monkeypatch):
+    monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
+    entry = select(TF_ONLY, available=everything)
+    assert (entry.key, entry.runtime, entry.path, entry.precision) == ("tf", "tf", "model", "fp32")
+
+
+def test_auto_picks_the_fastest_variant_that_passed(monkeypatch):
+    monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
+    assert select(_all(), available=everything).key == "openvino-int8"
+    assert select(_all(int8_passed=False), available=everything).key == "openvino-bf16"
+    assert select(_all(int8_passed=False, bf16_passed=False), available=everything).key == "tf"
+    # an entry without a recorded agreement is never chosen automatically
+    unmeasured = {**TF_ONLY, "openvino-int8": {"runtime": "openvino", "path": "x/model.xml", "precision": "int8"}}
+    assert select(unmeasured, available=everything).key == "tf"
+
+
+def test_auto_only_considers_installed_runtimes(monkeypatch):
+    monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
+    assert select(_all(), available=only("tf")).key == "tf"  # worker-tf install: no openvino
+    assert select(_all(), available=only("openvino")).key == "openvino-int8"  # worker-lite: no tensorflow
+    assert select(_all(int8_passed=False), available=only("openvino")).key == "openvino-bf16"
+    with pytest.raises(RuntimeSelectionError, match="worker-lite"):
+        select(TF_ONLY, available=only("openvino"))
+
+
+def test_explicit_choices(monkeypatch):
+    monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
+    assert select(_all(), "tf", available=everything).key == "tf"
+    assert select(_all(), "openvino-bf16", available=everything).key == "openvino-bf16"
+    # a key is an explicit choice: taken even when its agreement failed
+    assert select(_all(int8_passed=False), "openvino-int8", available=everything).key == "openvino-int8"
+    # a runtime name: its fastest entry that passed
+    assert select(_all(int8_passed=False), "openvino", available=everything).key == "openvino-bf16"
+    assert select(_all(), "auto", available=everything).key == "openvino-int8"
+    with pytest.raises(RuntimeSelectionError, match="not in this artifact"):
+        select(TF_ONLY, "openvino", available=everything)
+    with pytest.raises(RuntimeSelectionError, match="not installed"):
+        select(_all(), "openvino-int8", available=only("tf"))
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(runtimes.RUNTIME_ENV, "openvino-bf16")
+    assert select(_all(), available=everything).key == "openvino-bf16"
+    assert select(_all(), "tf", available=everything).key == "tf"  # the argument wins
+    monkeypatch.setenv(runtimes.RUNTIME_ENV, "")
+    assert select(_all(), available=everything).key == "openvino-int8"
+
+
+def test_settings_and_threads(monkeypatch):
+    from worker.settings import WorkerEnvironment
+
+    assert WorkerEnvironment.from_env({}).runtime == "auto"
+    assert WorkerEnvironment.from_env({"DOGBREEDS_RUNTIME": "tf"}).runtime == "tf"
+    monkeypatch.setenv(runtimes.THREADS_ENV, "3")
+    assert runtimes.serving_threads() == 3
+    monkeypatch.delenv(runtimes.THREADS_ENV)
+    assert runtimes.serving_threads() >= 1
+
+
+# --------------------------------------------------------------------------- conversion + artifact
+
+openvino = pytest.importorskip("openvino")
+
+
+def _colour_data(n_per_class: int, seed0: int = 0):
+    from worker import images
+
+    x, y = [], []
+    for label, folder in enumerate(COLOUR_BREEDS):
+        for seed in range(seed0, seed0 + n_per_class):
+            x.append(images.load_image(colour_photo(COLOUR_BREEDS[folder], seed=seed), size=(SIZE, SIZE)))
+            y.append(label)
+    return np.stack(x), np.array(y)
+
+
+@pytest.fixture(scope="module")
+def fast_artifact(tmp_path_factory) -> Path:
+    """A tiny conv net (VGG preprocessing layer, two convolutions, dense head) trained on the
+    colour 'breeds', published with its OpenVINO int8 and bf16 variants as publish does it."""
+    import keras
+
+    from trainer import fast_runtimes
+    from trainer.preprocessing import build_preprocessing
+    from worker import artifact
+
+    keras.utils.set_random_seed(0)
+    x, y = _colour_data(20)
+    model = keras.Sequential([
+        keras.Input((SIZE, SIZE, 3)),
+        build_preprocessing("vgg", "vgg16"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
+    root = tmp_path_factory.mktemp("fast")
+    saved = root / "saved"
+    model.export(str(saved), format="tf_saved_model", verbose=False)
+    heldout, labels = _colour_data(10, seed0=100)
+    files, entries = fast_runtimes.build_openvino_variants(saved, root / "variants", calibration=x, heldout=heldout,
+                                                           heldout_labels=labels, threads=1)
+    dest = root / "artifact"
+    artifact.write_artifact(
+        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+        manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny", "input_size": [SIZE, SIZE],
+                         "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
+        model_card="# colours-fast\nA tiny test model with OpenVINO variants.\n", extra_files=files)
+    return dest
+
+
+def test_publish_records_variants_with_measured_agreement(fast_artifact):
+    from worker.artifact import verify_artifact
+
+    manifest = verify_artifact(fast_artifact)
+    assert manifest.runtimes["tf"] == {"path": "model", "precision": "fp32"}  # unchanged contract
+    for precision in ("int8", "bf16"):
+        entry = manifest.runtimes[f"openvino-{precision}"]
+        assert entry["runtime"] == "openvino" and entry["precision"] == precision
+        assert entry["path"] == f"model-openvino-{precision}/model.xml"
+        assert {f"model-openvino-{precision}/model.xml", f"model-openvino-{precision}/model.bin"} <= set(manifest.files)
+        agreement = entry["agreement"]
+        assert agreement["photos"] == 30 and agreement["threshold"] == 0.99
+        assert agreement["top1_agreement"] >= 0.99 and agreement["passed"] is True
+        assert agreement["top1"] >= agreement["fp32_top1"] - 0.005
+    quantization = manifest.runtimes["openvino-int8"]["quantization"]
+    assert quantization["calibration_photos"] == 60
+    xml = (fast_artifact / "model-openvino-int8" / "model.xml").read_text()
+    assert "FakeQuantize" in xml  # really quantised
+
+
+def test_int8_ir_keeps_the_head_and_first_conv_in_float(fast_artifact):
+    import openvino as ov
+
+    def int8_weights(op) -> bool:  # weights: Constant(i8) -> Convert -> Multiply(scale) -> op
+        node = op.input_value(1).get_node()
+        while node.get_type_name() in ("Multiply", "Convert", "Subtract"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant" and node.get_element_type() == ov.Type.i8
+
+    model = ov.Core().read_model(str(fast_artifact / "model-openvino-int8" / "model.xml"))
+    ops = model.get_ordered_ops()
+    convolutions = [int8_weights(op) for op in ops if op.get_type_name() == "Convolution"]
+    matmuls = [int8_weights(op) for op in ops if op.get_type_name() == "MatMul"]
+    assert convolutions == [False, True]  # the first one sees raw pixels: kept in float
+    assert matmuls == [False, False]  # the dense head: float
+
+
+def test_tampered_variant_is_refused(fast_artifact, tmp_path):
+    import shutil
+
+    from worker.artifact import ArtifactError, verify_artifact
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fast_artifact, copy)
+    with open(copy / "model-openvino-int8" / "model.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ArtifactError, match="model-openvino-int8/model.bin: sha256 mismatch"):
+        verify_artifact(copy)
+    # a runtimes entry pointing at an unlisted file is refused too
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["runtimes"]["bogus"] = {"runtime": "openvino", "path": "nowhere/model.xml", "precision": "int8"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="'bogus' path 'nowhere/model.xml' is not listed"):
+        verify_artifact(copy)
+
+
+def test_classifier_serves_each_runtime_and_they_agree(fast_artifact, monkeypatch):
+    from worker.classifier import Classifier
+
+    monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
+    photos, labels = _colour_data(5, seed0=300)
+    tops = {}
+    for runtime in ("auto", "tf", "openvino-bf16", "openvino"):
+        classifier = Classifier.load(str(fast_artifact), top_k=2, runtime=runtime)
+        tops[classifier.model_info["runtime"]] = [t[0].breed for t in classifier.classify(photos)]
+        probs = classifier.artifact.predict(photos.astype(np.float32))
+        assert probs.shape == (len(photos), 3) and np.allclose(probs.sum(1), 1, atol=1e-3)
+    assert set(tops) == {"openvino-int8", "tf", "openvino-bf16"}  # auto and "openvino" -> int8
+    assert tops["openvino-int8"] == tops["tf"] == tops["openvino-bf16"]
+    assert Classifier.load(str(fast_artifact), runtime="tf").artifact.predict(
+        np.zeros((0, SIZE, SIZE, 3), np.float32)).shape == (0, 3)
+
+
+def test_cli_predict_runtime_option(fast_artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    for seed, folder in enumerate(COLOUR_BREEDS):
+        (tmp_path / f"{seed}.jpg").write_bytes(colour_photo(COLOUR_BREEDS[folder], seed=500 + seed))
+    result = CliRunner().invoke(main, ["predict", "--model", str(fast_artifact), "--runtime", "openvino-int8", "--json",
+                                       str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [r["breed"] for r in rows] == [f.split("-", 1)[1] for f in COLOUR_BREEDS]
+    bad = CliRunner().invoke(main, ["predict", "--model", str(fast_artifact), "--runtime", "onnx", str(tmp_path)])
+    assert bad.exit_code != 0 and "not in this artifact" in str(bad.exception)
+
+
+BLOCK_TENSORFLOW = """
+import sys, importlib.abc
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf_keras', 'trainer'):
+            raise ImportError(f'blocked import of {name} (worker-lite has no TensorFlow)')
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_worker_serves_the_fast_runtime_without_tensorflow(fast_artifact, tmp_path):
+    """The worker modules import TensorFlow only for the tf runtime: with every import of
+    tensorflow/keras failing, the worker still loads the artifact and classifies with OpenVINO."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(colour_photo(COLOUR_BREEDS["n02111889-Samoyed"], seed=7))
+    code = BLOCK_TENSORFLOW + f"""
+import json
+import worker.cli, worker.handler, worker.jobs, worker.poller, worker.pipeline, worker.runtimes
+from worker import images, runtimes
+from worker.classifier import Classifier
+
+assert not runtimes.is_available('tf') and runtimes.is_available('openvino')  # as in a worker-lite install
+classifier = Classifier.load({str(fast_artifact)!r}, top_k=1)
+pixels = images.read_image_file({str(photo)!r}, size=classifier.input_size)[None]
+top = classifier.classify(pixels)[0][0]
+try:
+    Classifier.load({str(fast_artifact)!r}, runtime='tf')
+    tf_error = None
+except Exception as error:
+    tf_error = type(error).__name__
+loaded = sorted({{m.split('.')[0] for m in sys.modules}} & {{'tensorflow', 'keras', 'trainer'}})
+print(json.dumps({{"runtime": classifier.model_info["runtime"], "breed": top.breed, "loaded": loaded,
+                   "tf_error": tf_error}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(runtimes.RUNTIME_ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"runtime": "openvino-int8", "breed": "Samoyed", "loaded": [],
+                      "tf_error": "RuntimeSelectionError"}
