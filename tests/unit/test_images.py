@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import struct
@@ -104,7 +105,7 @@ def test_constants_and_error_codes():
     assert all(isinstance(v, str) and v and "\n" not in v for v in ERROR_CODES.values())
     limits = DecodeLimits()
     assert (limits.max_bytes, limits.max_pixels) == (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         limits.max_bytes = 1  # frozen
     with pytest.raises(ValueError):
         DecodeLimits(max_pixels=0)
