@@ -7,12 +7,12 @@ may be lost and nothing duplicated.
 3. start ``python -m worker.cli run`` (short visibility timeout, so killed work is redelivered quickly) and
    drop ``--messages`` photos into ``incoming/``: **each photo is one S3 event notification message**
    (the path users take; event keys are URL-encoded, and a redelivered event must map to the same manifest
-   key through its content-derived job id). ``--bad-fraction`` of them (10%) are bad: empty, text, HTML,
+   key through its content-derived job id). Photos are dropped as the worker keeps up (at most
+   ``--backlog`` messages waiting: moto's SQS gets slower the deeper its queue). ``--bad-fraction`` of them (10%) are bad: empty, text, HTML,
    truncated JPEG, PNG with a broken CRC, or deleted before the worker gets to it; every 10th key has
    spaces, '+' and non-ASCII characters in it;
 4. SIGKILL the worker ``--kills`` times, at moments drawn with ``--seed`` (once a random fraction, between
-   10% and 80%, of the messages is done and a batch is in flight, plus a random 0-0.5 s), restarting it
-   straight away;
+   10% and 80%, of the messages is done, plus a random 0-0.5 s), restarting it straight away;
 5. when the queue is empty (nothing visible, nothing in flight), stop the worker with SIGTERM, read every
    manifest and count, per photo, its final manifest entries.
 
@@ -102,11 +102,21 @@ def plan_photos(n: int, bad_fraction: float, rng: random.Random):
     return plan
 
 
-def upload(s3, plan: dict, progress: list[int], threads: int = 4) -> None:
+def upload(s3, plan: dict, progress: list[int], errors: list[BaseException], queued: list[int], backlog: int,
+           threads: int = 4) -> None:
+    try:
+        _upload(s3, plan, progress, queued, backlog, threads)
+    except BaseException as error:  # noqa: BLE001 - reported by the main thread
+        errors.append(error)
+
+
+def _upload(s3, plan: dict, progress: list[int], queued: list[int], backlog: int, threads: int) -> None:
     lock = threading.Lock()
 
     def put(item):
         key, (body, _) = item
+        while queued[0] >= backlog:  # updated by the main loop every 0.25 s
+            time.sleep(0.05)
         s3.put_object(Bucket=BUCKET, Key=key, Body=body if body is not None else b"soon deleted")
         if body is None:
             s3.delete_object(Bucket=BUCKET, Key=key)
@@ -190,50 +200,63 @@ def soak(args) -> dict:
                    "PYTHONUNBUFFERED": "1"}
             worker_log = tmp / "worker.log"
             worker = Worker(env, worker_log, args.visibility_timeout)
-            uploaded = [0]
-            uploader = threading.Thread(target=upload, args=(s3, plan, uploaded), daemon=True)
+            uploaded, upload_errors, queued = [0], [], [0]
+            uploader = threading.Thread(target=upload, args=(s3, plan, uploaded, upload_errors, queued, args.backlog),
+                                        daemon=True)
             uploader.start()
 
             kills, kills_in_flight, unexpected_exits, quiet = 0, 0, 0, 0
-            deadline = time.monotonic() + args.timeout
-            last_report = 0.0
-            while time.monotonic() < deadline:
-                time.sleep(0.25)
-                visible, in_flight = queue_counts(sqs, stack.queue_url)
-                done = max(0, uploaded[0] - visible - in_flight)
-                if not worker.alive():
+            try:
+                deadline = time.monotonic() + args.timeout
+                last_report = 0.0
+                while time.monotonic() < deadline:
+                    time.sleep(0.25)
+                    visible, in_flight = queue_counts(sqs, stack.queue_url)
+                    queued[0] = visible
+                    done = max(0, uploaded[0] - visible - in_flight)
+                    if upload_errors:
+                        raise RuntimeError(f"uploading the photos failed: {upload_errors[0]!r}")
+                    if not worker.alive():
+                        unexpected_exits += 1
+                        log(f"the worker exited by itself ({worker.process.returncode}); restarting it")
+                        worker.stop()
+                        if unexpected_exits > 5:
+                            log("worker log tail:\n" + worker_log.read_text(errors="replace")[-3000:])
+                            raise RuntimeError("the worker keeps exiting by itself; giving up")
+                        worker = Worker(env, worker_log, args.visibility_timeout)
+                    if kills < len(kill_at) and done >= kill_at[kills] * len(plan):
+                        time.sleep(kill_delay[kills])
+                        in_flight = queue_counts(sqs, stack.queue_url)[1]
+                        worker.kill()
+                        kills += 1
+                        kills_in_flight += in_flight > 0
+                        log(f"SIGKILL {kills}/{len(kill_at)} at ~{done} messages done, {in_flight} in flight; restarting")
+                        worker = Worker(env, worker_log, args.visibility_timeout)
+                        continue
+                    if time.monotonic() - last_report > 15:
+                        last_report = time.monotonic()
+                        log(f"{uploaded[0]} uploaded, ~{done} done, {visible} queued, {in_flight} in flight")
+                    finished = not uploader.is_alive() and visible == 0 and in_flight == 0
+                    quiet = quiet + 1 if finished else 0
+                    if quiet >= 3:
+                        break
+                else:
+                    log(f"timed out after {args.timeout}s")
+                # a SIGTERM that lands while the worker is still loading the model (before its signal handlers
+                # are installed) ends it the default way, which is fine with nothing in flight: give it a moment to
+                # get going, and accept -SIGTERM only from a worker that never got to work.
+                ready_by = time.monotonic() + 20
+                while worker.alive() and not worker.has_worked() and time.monotonic() < ready_by:
+                    time.sleep(0.25)
+                worked = worker.has_worked()
+                code = worker.stop()
+                if code != 0 and (worked or code != -signal.SIGTERM):
                     unexpected_exits += 1
-                    log(f"the worker exited by itself ({worker.process.returncode}); restarting it")
-                    worker.stop()
-                    worker = Worker(env, worker_log, args.visibility_timeout)
-                if kills < len(kill_at) and done >= kill_at[kills] * len(plan) and in_flight > 0:
-                    time.sleep(kill_delay[kills])
-                    in_flight = queue_counts(sqs, stack.queue_url)[1]
-                    worker.kill()
-                    kills += 1
-                    kills_in_flight += in_flight > 0
-                    log(f"SIGKILL {kills}/{len(kill_at)} at ~{done} messages done, {in_flight} in flight; restarting")
-                    worker = Worker(env, worker_log, args.visibility_timeout)
-                    continue
-                if time.monotonic() - last_report > 15:
-                    last_report = time.monotonic()
-                    log(f"{uploaded[0]} uploaded, ~{done} done, {visible} queued, {in_flight} in flight")
-                finished = not uploader.is_alive() and visible == 0 and in_flight == 0
-                quiet = quiet + 1 if finished else 0
-                if quiet >= 3:
-                    break
-            else:
-                log(f"timed out after {args.timeout}s")
-            # a SIGTERM that lands while the worker is still loading the model (before its signal handlers
-            # are installed) ends it the default way: let it get going first. It has redelivered work to do,
-            # since every kill left messages in flight.
-            ready_by = time.monotonic() + 60
-            while worker.alive() and not worker.has_worked() and time.monotonic() < ready_by:
-                time.sleep(0.25)
-            code = worker.stop()
-            if code != 0:
-                unexpected_exits += 1
-                log(f"the worker did not stop cleanly on SIGTERM ({code})")
+                    log(f"the worker did not stop cleanly on SIGTERM ({code})")
+            finally:
+                if worker.alive():  # only after an error: the run above stops it
+                    worker.process.kill()
+                    worker.process.wait()
             log("queue drained; reading the manifests")
             result = tally(s3, plan)
             dead = queue_counts(sqs, stack.dlq_url)
@@ -282,12 +305,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seeds the bad photos and the kill moments.")
     parser.add_argument("--visibility-timeout", type=int, default=6,
                         help="Seconds before a killed worker's messages are redelivered.")
+    parser.add_argument("--backlog", type=int, default=200,
+                        help="Photos are dropped while fewer than this many messages wait in the queue "
+                             "(moto's SQS slows down with the queue depth).")
     parser.add_argument("--model", help="An existing colour-model artifact folder (default: build one).")
     parser.add_argument("--timeout", type=float, default=3600, help="Give up after this many seconds.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     args = parser.parse_args(argv)
-    if args.messages < 1 or args.kills < 0 or not 0 <= args.bad_fraction <= 1:
-        parser.error("need --messages >= 1, --kills >= 0 and 0 <= --bad-fraction <= 1")
+    if args.messages < 1 or args.kills < 0 or not 0 <= args.bad_fraction <= 1 or args.backlog < 1:
+        parser.error("need --messages >= 1, --kills >= 0, --backlog >= 1 and 0 <= --bad-fraction <= 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop the worker and moto's server
 
     result = soak(args)
     failed = any(result[k] for k in ("lost", "duplicated", "mismatched", "dlq", "unexpected_exits")) \

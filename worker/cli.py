@@ -21,6 +21,17 @@ def main():
     from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
 
 
+def _load_classifier(model_uri: str, top_k: int, **kw):
+    """Load and verify the artifact; a tampered or missing one is a one-line refusal, not a traceback."""
+    from worker.artifact import ArtifactError
+    from worker.classifier import Classifier
+
+    try:
+        return Classifier.load(model_uri, top_k=top_k, **kw)
+    except ArtifactError as error:
+        raise click.ClickException(f"refusing to serve {model_uri}: ArtifactError: {error}") from error
+
+
 def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
     from worker.images import IMAGE_SUFFIXES
 
@@ -51,10 +62,9 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
     import numpy as np
     from tqdm.auto import tqdm
 
-    from worker.classifier import Classifier
     from worker.images import ImageDecodeError, load_image
 
-    classifier = Classifier.load(model_uri, top_k=top_k, runtime=runtime)
+    classifier = _load_classifier(model_uri, top_k, runtime=runtime)
     files, had_folder = _photo_paths(paths)
     results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
     printed = 0
@@ -97,12 +107,11 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
 
 
 def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None):
-    from worker.classifier import Classifier
     from worker.pipeline import Pipeline, PipelineSettings
     from worker.settings import client
 
     s3 = client("s3")
-    classifier = Classifier.load(model_uri, top_k=top_k, s3=s3, runtime=runtime)
+    classifier = _load_classifier(model_uri, top_k, s3=s3, runtime=runtime)
     return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k),
                     reader=reader)
 

@@ -275,6 +275,21 @@ def queue_counts(sqs, queue: str) -> tuple[int, int]:
     return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
+_STARTED: list["Worker"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_workers():
+    """A test that fails half-way still leaves no worker process behind."""
+    yield
+    while _STARTED:
+        worker = _STARTED.pop()
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
+        worker._log.close()
+
+
 class Worker:
     """``python -m worker.cli run`` in a subprocess, output to a log file."""
 
@@ -285,6 +300,7 @@ class Worker:
         self._log = open(log, "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", "--wait-seconds", "1", *args],
                                         cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        _STARTED.append(self)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -400,7 +416,7 @@ def scheduled_faults(every: int = 3, max_in_a_row: int = 2, max_truncations: int
     (1+every)th, (1+2*every)th, ... request fails, cycling through 503 SlowDown, 500, a reset before
     forwarding and a reset after forwarding (the response is lost). Photo GETs also get bodies cut in half
     (at most ``max_truncations``, never twice for one photo). The same request never fails more than
-    ``max_in_a_row`` times in a row (boto3 makes up to 8 attempts), and only one ReceiveMessage response is
+    ``max_in_a_row`` times in a row (boto3 retries up to 8 times), and only one ReceiveMessage response is
     lost (each loss counts as a receive towards the DLQ's maxReceiveCount, as in real SQS)."""
     seen, used, streak = Counter(), Counter(), Counter()
     truncated: set[str] = set()
