@@ -9,10 +9,17 @@ is slower than fp32. So the artifact carries:
 - ``model-openvino-int8/model.xml|bin``: the SavedModel converted by ``openvino.convert_model``,
   then post-training quantised by NNCF: int8 weights (symmetric, per output channel) and
   activations (per tensor), calibrated on the run's *training* photos; the dense head (MatMul
-  layers) stays in float, and so does the first convolution (1/180 of VGG16's FLOPs, but it sees
-  raw pixels).
+  layers) stays in float. Measured on VGG16 + the demo head (858 Stanford test photos), keeping the
+  first convolution in float too, NNCF's MIXED preset, histogram ranges, full bias correction or
+  SmoothQuant on convolutions all landed in the same 98.2-99.0% top-1 agreement band (the noise
+  is spread over all 13 convolutions), so the plain configuration is kept.
 - ``model-openvino-bf16/model.xml|bin``: the same conversion, weights stored as fp16, run with
   ``INFERENCE_PRECISION_HINT=bf16`` (the CPU's AVX512-BF16 instructions; f32 where absent).
+- the ``openvino-int8`` entry is a cascade: int8 for every photo, and bf16 again for the few
+  photos whose int8 top-2 margin is too small to trust (below the 99th percentile of how much
+  int8 moves the fp32 margin, measured on the calibration photos). Plain int8 agreed with fp32
+  on 98.7% of the 858 Stanford test photos (VGG16 + the demo head); the cascade on 99.4%, for
+  ~4-7% of photos run twice.
 
 Each variant's top-1 agreement with the fp32 SavedModel is measured here, on the run's held-out
 photos (validation + test split: never used to fit weights), through the same loader the worker
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("int8", "bf16")
 MAX_CALIBRATION = 300  # NNCF's default subset size
+FALLBACK_QUANTILE = 0.99
 BATCH = 16
 
 
@@ -69,8 +77,9 @@ def first_convolution(model) -> str | None:
     return next((op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"), None)
 
 
-def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] = ("head", "first_conv")):
-    """NNCF post-training int8 quantisation of an OpenVINO model (not saved)."""
+def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] = ("head",)):
+    """NNCF post-training int8 quantisation of an OpenVINO model (not saved). ``keep_float``:
+    "head" keeps the dense layers (MatMul) in float, "first_conv" the first convolution."""
     import nncf
 
     names = []
@@ -85,22 +94,42 @@ def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] =
                          **kwargs)
 
 
+def fallback_margin(reference: np.ndarray, probs: np.ndarray, quantile: float = FALLBACK_QUANTILE) -> float:
+    """How much quantisation moves the fp32 top-2 margin: the ``quantile`` of
+    ``|(p[a] - p[b]) - (ref[a] - ref[b])|`` over photos, a/b = the fp32 top-2 classes. A photo
+    whose quantised margin is below it may have flipped: the cascade re-runs it."""
+    if len(reference) == 0 or reference.shape[1] < 2:
+        return 0.0
+    order = np.argsort(-reference, axis=1)[:, :2]
+    rows = np.arange(len(reference))
+    shift = (probs[rows, order[:, 0]] - probs[rows, order[:, 1]]) - (reference[rows, order[:, 0]] - reference[rows, order[:, 1]])
+    return round(float(np.ceil(np.quantile(np.abs(shift.astype(np.float64)), quantile) * 1000)) / 1000, 3)
+
+
 def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration: np.ndarray, heldout: np.ndarray,
                             heldout_labels: np.ndarray | None = None, reference: np.ndarray | None = None,
                             variants: Sequence[str] = VARIANTS, threads: int | None = None,
-                            keep_float: Sequence[str] = ("head", "first_conv")) -> tuple[dict[str, Path], dict]:
+                            keep_float: Sequence[str] = ("head",), int8_fallback: bool = True) -> tuple[dict[str, Path], dict]:
     """Convert ``saved_model_dir`` (the artifact's SavedModel) to OpenVINO variants under
     ``out_dir``; measure each against ``reference`` (fp32 probabilities of ``heldout``; computed
     with the SavedModel when None). Returns (artifact-relative path -> file, manifest runtimes
-    entries). ``calibration`` and ``heldout`` are uint8 ``(n, H, W, 3)`` photos."""
+    entries). ``calibration`` and ``heldout`` are uint8 ``(n, H, W, 3)`` photos.
+
+    With ``int8_fallback`` (and a bf16 variant), the int8 entry is a cascade: photos whose int8
+    top-2 margin is below :func:`fallback_margin` (measured on the calibration photos, never on
+    the held-out ones) are re-run in bf16; its recorded agreement is that of the cascade, beside
+    the plain int8 one."""
     import openvino as ov
 
     out_dir = Path(out_dir)
     heldout = np.asarray(heldout)
+    calibration = np.asarray(calibration)[:MAX_CALIBRATION]
     input_size = list(heldout.shape[1:3])
-    if reference is None:
+    predict_tf = None
+    if reference is None or (int8_fallback and "int8" in variants):
         tf_entry = runtimes.RuntimeEntry("tf", "tf", ".", "fp32")
         predict_tf = runtimes.load(Path(saved_model_dir), tf_entry, input_size=input_size, num_classes=0, threads=threads)
+    if reference is None:
         reference = _predict_all(predict_tf, heldout)
 
     started = time.perf_counter()
@@ -108,22 +137,21 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
     converted_s = time.perf_counter() - started
     files: dict[str, Path] = {}
     entries: dict[str, dict] = {}
-    for precision in variants:
-        key = f"openvino-{precision}"
-        folder = f"model-{key}"
+    built: dict[str, dict] = {}
+    for precision in variants:  # write the IRs
+        folder = f"model-openvino-{precision}"
         started = time.perf_counter()
         extra: dict = {}
         if precision == "int8":
             if len(calibration) == 0:
                 log.warning("no calibration photos: skipping the int8 variant")
                 continue
-            calib = np.asarray(calibration)[:MAX_CALIBRATION]
-            variant = quantize_int8(model, calib, keep_float=keep_float)
+            variant = quantize_int8(model, calibration, keep_float=keep_float)
             ov.save_model(variant, str(out_dir / folder / "model.xml"), compress_to_fp16=False)
             extra["quantization"] = {
                 "tool": "nncf post-training quantisation", "preset": "performance",
                 "weights": "int8 symmetric, per output channel", "activations": "int8 per tensor",
-                "calibration_photos": int(len(calib)), "calibration_split": "train",
+                "calibration_photos": int(len(calibration)), "calibration_split": "train",
                 "kept_in_float": [{"head": "dense head (MatMul)", "first_conv": "first convolution"}[k]
                                   for k in keep_float],
             }
@@ -133,20 +161,36 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
                 extra["weights"] = "stored fp16, computed bf16 (INFERENCE_PRECISION_HINT=bf16)"
         else:
             raise ValueError(f"unknown OpenVINO variant precision {precision!r}")
-        build_s = time.perf_counter() - started + converted_s
-        xml = out_dir / folder / "model.xml"
+        for name in ("model.xml", "model.bin"):
+            files[f"{folder}/{name}"] = out_dir / folder / name
+        built[precision] = {"runtime": "openvino", "path": f"{folder}/model.xml", "precision": precision,
+                            "format": "openvino-ir", "openvino": ov.get_version().split("-")[0], **extra,
+                            "build_s": time.perf_counter() - started + converted_s}
+
+    for precision, spec in built.items():  # measure them as the worker runs them
+        key = f"openvino-{precision}"
+        build_s = spec.pop("build_s")
+        xml = out_dir / spec["path"]
         predict = runtimes.load_openvino_model(xml, precision, threads=threads)
         started = time.perf_counter()
         probs = _predict_all(predict, heldout)
+        if precision == "int8" and int8_fallback and "bf16" in built:
+            plain = agreement(reference, probs, heldout_labels)
+            margin = fallback_margin(_predict_all(predict_tf, calibration), _predict_all(predict, calibration))
+            spec["fallback"] = {"path": built["bf16"]["path"], "precision": "bf16", "below_margin": margin,
+                                "rule": f"photos whose int8 top-2 margin is below {margin} (the 99th percentile of "
+                                        "int8's shift of the fp32 top-2 margin on the calibration photos) are "
+                                        "re-run in bf16"}
+            cascade = runtimes.with_fallback(predict, runtimes.load_openvino_model(out_dir / built["bf16"]["path"], "bf16",
+                                                                                   threads=threads), margin)
+            probs = _predict_all(cascade, heldout)
+            spec["fallback"]["heldout_fallback_rate"] = round(cascade.fallbacks / max(1, cascade.calls), 4)
+            spec["int8_only_agreement"] = {k: plain[k] for k in ("photos", "top1_agreement", "passed") if k in plain}
         seconds = time.perf_counter() - started
         measured = agreement(reference, probs, heldout_labels)
         measured["photos_split"] = "val+test"
-        entries[key] = {"runtime": "openvino", "path": f"{folder}/model.xml", "precision": precision,
-                        "format": "openvino-ir", "openvino": ov.get_version().split("-")[0], **extra,
-                        "agreement": measured,
+        entries[key] = {**spec, "agreement": measured,
                         "publish_seconds": {"build": round(build_s, 1), "agreement": round(seconds, 1)}}
-        for name in ("model.xml", "model.bin"):
-            files[f"{folder}/{name}"] = out_dir / folder / name
         log.info("%s: top-1 agreement %.2f%% on %d photos (%s)", key, 100 * measured["top1_agreement"],
                  measured["photos"], "passed" if measured["passed"] else "FAILED")
     return files, entries

@@ -514,10 +514,12 @@ def verify_artifact(path: Path) -> ArtifactManifest:
         if required not in manifest.files:
             problems.append(f"manifest.json files: does not list required {required}")
     for key, spec in sorted(manifest.runtimes.items()):  # each model variant must be checksummed
-        rel = spec.get("path") if isinstance(spec, dict) else None
-        if isinstance(rel, str) and not (_check_relpath(rel) is None and (
-                rel in manifest.files or any(f.startswith(rel + "/") for f in manifest.files))):
-            problems.append(f"manifest.json runtimes: {key!r} path {rel!r} is not listed in files")
+        fallback = spec.get("fallback") if isinstance(spec, dict) else None
+        for rel in (spec.get("path") if isinstance(spec, dict) else None,
+                    fallback.get("path") if isinstance(fallback, dict) else None):
+            if isinstance(rel, str) and not (_check_relpath(rel) is None and (
+                    rel in manifest.files or any(f.startswith(rel + "/") for f in manifest.files))):
+                problems.append(f"manifest.json runtimes: {key!r} path {rel!r} is not listed in files")
 
     for rel, expected in sorted(manifest.files.items()):
         p = path / rel

@@ -104,9 +104,38 @@ def test_settings_and_threads(monkeypatch):
     assert runtimes.serving_threads() >= 1
 
 
+def test_fallback_cascade_reruns_only_the_close_calls():
+    primary_out = np.array([[0.90, 0.05, 0.05], [0.50, 0.49, 0.01], [0.20, 0.30, 0.50], [0.34, 0.33, 0.33]], np.float32)
+    seen = []
+
+    def primary(x):
+        return primary_out[: len(x)].copy()
+
+    def secondary(x):
+        seen.append(x[:, 0, 0, 0].tolist())
+        return np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(x), 1))
+
+    np.testing.assert_allclose(runtimes.top2_margin(primary_out), [0.85, 0.01, 0.2, 0.01], atol=1e-6)
+    run = runtimes.with_fallback(primary, secondary, below_margin=0.05)
+    x = np.arange(4, dtype=np.float32)[:, None, None, None] * np.ones((4, 2, 2, 3), np.float32)
+    out = run(x)
+    assert seen == [[1.0, 3.0]]  # only rows 1 and 3, in one call
+    assert out.argmax(1).tolist() == [0, 2, 2, 2]
+    assert (run.calls, run.fallbacks) == (4, 2)
+
+
+def test_fallback_margin_is_a_quantile_of_the_margin_shift():
+    from trainer.fast_runtimes import fallback_margin
+
+    reference = np.array([[0.6, 0.3, 0.1]] * 100, np.float32)
+    shifted = reference.copy()
+    shifted[:, 0] -= np.linspace(0, 0.1, 100)  # margin shifts of 0 .. 0.1
+    assert fallback_margin(reference, shifted, quantile=0.5) == pytest.approx(0.051, abs=0.002)
+    assert fallback_margin(reference, reference) == 0.0
+
+
 # --------------------------------------------------------------------------- conversion + artifact
 
-openvino = pytest.importorskip("openvino")
 
 
 def _colour_data(n_per_class: int, seed0: int = 0):
@@ -124,6 +153,8 @@ def _colour_data(n_per_class: int, seed0: int = 0):
 def fast_artifact(tmp_path_factory) -> Path:
     """A tiny conv net (VGG preprocessing layer, two convolutions, dense head) trained on the
     colour 'breeds', published with its OpenVINO int8 and bf16 variants as publish does it."""
+    pytest.importorskip("openvino")  # the train / worker-lite extras
+    pytest.importorskip("nncf")  # the train extra (int8 quantisation at publish time)
     import keras
 
     from trainer import fast_runtimes
@@ -173,27 +204,43 @@ def test_publish_records_variants_with_measured_agreement(fast_artifact):
         assert agreement["photos"] == 30 and agreement["threshold"] == 0.99
         assert agreement["top1_agreement"] >= 0.99 and agreement["passed"] is True
         assert agreement["top1"] >= agreement["fp32_top1"] - 0.005
+    fallback = manifest.runtimes["openvino-int8"]["fallback"]  # the int8 entry is an int8 -> bf16 cascade
+    assert fallback["path"] == "model-openvino-bf16/model.xml" and fallback["precision"] == "bf16"
+    assert 0.0 <= fallback["below_margin"] < 0.5 and 0.0 <= fallback["heldout_fallback_rate"] <= 1.0
+    assert manifest.runtimes["openvino-int8"]["int8_only_agreement"]["photos"] == 30
     quantization = manifest.runtimes["openvino-int8"]["quantization"]
     assert quantization["calibration_photos"] == 60
     xml = (fast_artifact / "model-openvino-int8" / "model.xml").read_text()
     assert "FakeQuantize" in xml  # really quantised
 
 
-def test_int8_ir_keeps_the_head_and_first_conv_in_float(fast_artifact):
+def _int8_weights(op) -> bool:
+    """Whether a Convolution/MatMul runs int8: weights Constant(i8) -> Convert -> Multiply(scale)."""
     import openvino as ov
 
-    def int8_weights(op) -> bool:  # weights: Constant(i8) -> Convert -> Multiply(scale) -> op
-        node = op.input_value(1).get_node()
-        while node.get_type_name() in ("Multiply", "Convert", "Subtract"):
-            node = node.input_value(0).get_node()
-        return node.get_type_name() == "Constant" and node.get_element_type() == ov.Type.i8
+    node = op.input_value(1).get_node()
+    while node.get_type_name() in ("Multiply", "Convert", "Subtract"):
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "Constant" and node.get_element_type() == ov.Type.i8
+
+
+def _int8_layers(model) -> tuple[list[bool], list[bool]]:
+    ops = model.get_ordered_ops()
+    return ([_int8_weights(op) for op in ops if op.get_type_name() == "Convolution"],
+            [_int8_weights(op) for op in ops if op.get_type_name() == "MatMul"])
+
+
+def test_int8_ir_keeps_the_dense_head_in_float(fast_artifact):
+    import openvino as ov
+
+    from trainer.fast_runtimes import quantize_int8
 
     model = ov.Core().read_model(str(fast_artifact / "model-openvino-int8" / "model.xml"))
-    ops = model.get_ordered_ops()
-    convolutions = [int8_weights(op) for op in ops if op.get_type_name() == "Convolution"]
-    matmuls = [int8_weights(op) for op in ops if op.get_type_name() == "MatMul"]
-    assert convolutions == [False, True]  # the first one sees raw pixels: kept in float
-    assert matmuls == [False, False]  # the dense head: float
+    assert _int8_layers(model) == ([True, True], [False, False])  # convolutions int8, dense head float
+    # optionally the first convolution (it sees raw pixels) stays in float too
+    calibration, _ = _colour_data(4)
+    both = quantize_int8(ov.convert_model(str(fast_artifact / "model")), calibration, keep_float=("head", "first_conv"))
+    assert _int8_layers(both) == ([False, True], [False, False])
 
 
 def test_tampered_variant_is_refused(fast_artifact, tmp_path):
@@ -231,6 +278,9 @@ def test_classifier_serves_each_runtime_and_they_agree(fast_artifact, monkeypatc
         assert probs.shape == (len(photos), 3) and np.allclose(probs.sum(1), 1, atol=1e-3)
     assert set(tops) == {"openvino-int8", "tf", "openvino-bf16"}  # auto and "openvino" -> int8
     assert tops["openvino-int8"] == tops["tf"] == tops["openvino-bf16"]
+    cascade = Classifier.load(str(fast_artifact), runtime="openvino-int8").artifact.predict._inner
+    assert cascade.below_margin == json.loads((fast_artifact / "manifest.json").read_text())[
+        "runtimes"]["openvino-int8"]["fallback"]["below_margin"]
     assert Classifier.load(str(fast_artifact), runtime="tf").artifact.predict(
         np.zeros((0, SIZE, SIZE, 3), np.float32)).shape == (0, 3)
 
