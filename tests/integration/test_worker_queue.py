@@ -13,6 +13,7 @@ import time
 import boto3
 import pytest
 
+from infra.local_stack import create_stack
 from tests.conftest import COLOUR_BREEDS, ROOT, colour_photo
 
 pytestmark = pytest.mark.integration
@@ -23,16 +24,8 @@ BUCKET = "photos"
 def stack(moto_server):
     """Bucket with an incoming/ -> queue notification, queue with a DLQ (maxReceiveCount 2)."""
     s3, sqs = boto3.client("s3"), boto3.client("sqs")
-    s3.create_bucket(Bucket=BUCKET)
-    dlq = sqs.create_queue(QueueName="photos-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue = sqs.create_queue(QueueName="photos", Attributes={
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})})["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
-        "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
-        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "incoming/"}]}}}]})
-    return {"s3": s3, "sqs": sqs, "queue": queue, "dlq": dlq, "endpoint": moto_server}
+    created = create_stack(s3, sqs, bucket=BUCKET, queue="photos", max_receive_count=2)
+    return {"s3": s3, "sqs": sqs, "queue": created.queue_url, "dlq": created.dlq_url, "endpoint": moto_server}
 
 
 def make_pipeline(artifact_path, s3, batch_size=4):
