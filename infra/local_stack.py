@@ -28,7 +28,8 @@ class LocalStack:
 def create_stack(s3, sqs, bucket: str = "dogbreeds", queue: str = "dogbreeds-photos", *, incoming: str = "incoming/",
                  max_receive_count: int = 5, visibility_timeout: int = 300, suffixes=PHOTO_SUFFIXES) -> LocalStack:
     """Bucket with an ObjectCreated notification on ``incoming/`` (one rule per photo suffix,
-    as S3 allows one suffix per rule) -> queue, redriving to ``<queue>-dlq``."""
+    as S3 allows one suffix per rule; ``suffixes=None``: every key under the prefix) -> queue,
+    redriving to ``<queue>-dlq``."""
     s3.create_bucket(Bucket=bucket)
     dlq_url = sqs.create_queue(QueueName=f"{queue}-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -37,8 +38,11 @@ def create_stack(s3, sqs, bucket: str = "dogbreeds", queue: str = "dogbreeds-pho
         "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}),
     })["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    rules = [{"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"], "Filter": {"Key": {"FilterRules": [
-        {"Name": "prefix", "Value": incoming}, {"Name": "suffix", "Value": suffix}]}}} for suffix in suffixes]
+    prefix_rule = {"Name": "prefix", "Value": incoming}
+    filters = [[prefix_rule]] if suffixes is None else [[prefix_rule, {"Name": "suffix", "Value": suffix}]
+                                                        for suffix in suffixes]
+    rules = [{"QueueArn": queue_arn, "Events": ["s3:ObjectCreated:*"], "Filter": {"Key": {"FilterRules": f}}}
+             for f in filters]
     s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": rules})
     return LocalStack(bucket, queue_url, dlq_url)
 

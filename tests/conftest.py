@@ -40,6 +40,16 @@ def aws_env(monkeypatch):
 
 
 @pytest.fixture
+def mock_s3(aws_env):
+    """An S3 client on moto's in-process mock (no server)."""
+    import boto3
+    from moto import mock_aws
+
+    with mock_aws():
+        yield boto3.client("s3", region_name="us-east-1")
+
+
+@pytest.fixture
 def moto_server(aws_env, monkeypatch):
     """moto in server mode on 127.0.0.1:<free port>; AWS_ENDPOINT_URL points boto3 at it."""
     from moto.server import ThreadedMotoServer

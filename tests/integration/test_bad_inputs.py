@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from infra.local_stack import create_stack
 from tests.conftest import COLOUR_BREEDS, colour_photo
 
 pytestmark = pytest.mark.integration
@@ -195,19 +196,11 @@ def wild_stack(moto_server):
     """A bucket whose incoming/ notifies a queue (DLQ after 2 receives); a bucket policy denies GetObject on
     DENIED_KEY."""
     s3, sqs = boto3.client("s3"), boto3.client("sqs")
-    s3.create_bucket(Bucket=BUCKET)
-    dlq = sqs.create_queue(QueueName="wild-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue = sqs.create_queue(QueueName="wild", Attributes={
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "2"})})["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
-        "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
-        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "incoming/"}]}}}]})
+    created = create_stack(s3, sqs, bucket=BUCKET, queue="wild", max_receive_count=2, suffixes=None)
     s3.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
         "Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
         "Resource": f"arn:aws:s3:::{BUCKET}/{DENIED_KEY}"}]}))
-    return {"s3": s3, "sqs": sqs, "queue": queue, "dlq": dlq}
+    return {"s3": s3, "sqs": sqs, "queue": created.queue_url, "dlq": created.dlq_url}
 
 
 def _pipeline(artifact_path, s3):

@@ -296,10 +296,10 @@ def test_poller_entry_point(moto, colour_artifact):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as error:
         remove_container(name)
         out, err = process.communicate(timeout=60)
-        raise AssertionError(f"the poller did not stop: {err[-4000:]}")
+        raise AssertionError(f"the poller did not stop: {err[-4000:]}") from error
     finally:
         stop.set()
         watcher.join(timeout=5)

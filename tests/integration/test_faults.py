@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import pytest
 
+from infra.local_stack import create_stack
 from tests.conftest import COLOUR_BREEDS, ROOT, colour_photo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -234,16 +235,8 @@ def passthrough(_request: Request) -> str:
 def stack(moto_server):
     """Bucket with incoming/ -> queue notifications; the queue dead-letters after 3 receives."""
     s3, sqs = boto3.client("s3"), boto3.client("sqs")
-    s3.create_bucket(Bucket=BUCKET)
-    dlq = sqs.create_queue(QueueName="faults-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue = sqs.create_queue(QueueName="faults", Attributes={
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})})["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"QueueConfigurations": [{
-        "QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
-        "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "incoming/"}]}}}]})
-    return {"s3": s3, "sqs": sqs, "queue": queue, "dlq": dlq, "endpoint": moto_server}
+    created = create_stack(s3, sqs, bucket=BUCKET, queue="faults", max_receive_count=3, suffixes=None)
+    return {"s3": s3, "sqs": sqs, "queue": created.queue_url, "dlq": created.dlq_url, "endpoint": moto_server}
 
 
 def put_jobs(s3, sqs, queue: str, n_jobs: int, per_job: int, prefix: str = "photos") -> dict[str, dict[str, str]]:

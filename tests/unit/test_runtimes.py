@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import COLOUR_BREEDS, colour_photo
 from worker import runtimes
 from worker.runtimes import RuntimeSelectionError, select
-
-from tests.conftest import COLOUR_BREEDS, colour_photo
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
