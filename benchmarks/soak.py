@@ -28,7 +28,6 @@ every planned kill happened.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random

@@ -253,9 +253,9 @@ def with_fallback(primary, secondary, below_margin: float):
 
 
 def _load_tf(model_dir: Path, input_size, threads: int):
-    from worker.artifact import SERVE_SIGNATURE, ArtifactError
-
     import tensorflow as tf  # lazy: only the tf runtime needs TensorFlow
+
+    from worker.artifact import SERVE_SIGNATURE, ArtifactError
 
     try:  # only possible before TensorFlow's runtime starts (first model load in this process)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
