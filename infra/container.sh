@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The worker's container image (infra/Dockerfile), built and tested here without a Docker engine:
 #
-#   infra/container.sh build   podman/buildah/runc/debootstrap from apt when missing; a Debian
+#   infra/container.sh build   two images of infra/Dockerfile: the full worker (TensorFlow +
+#                              OpenVINO, serves every artifact) and the slim one (WORKER_EXTRAS=
+#                              worker-lite: OpenVINO only, no TensorFlow); their sizes are logged.
+#                              podman/buildah/runc/debootstrap from apt when missing; a Debian
 #                              bookworm rootfs (debootstrap minbase + python3) imported as the base
 #                              image, and the wheels of the project's dependencies downloaded on
 #                              the host (both cached under .cache/container/); then the image,
 #                              built with no network (pip reads the wheels from a build volume)
-#   infra/container.sh test    tests/integration/test_container.py against that image: the Lambda
+#   infra/container.sh test    tests/integration/test_container.py against each image: the Lambda
 #                              entry point under the real Runtime Interface Emulator (from the
 #                              aws-sam-cli wheel, .venv-tools) fed with SQS events by a small event
 #                              source mapping, and the poller entry point; both on a moto server
+#                              (the slim image is given a model published with OpenVINO variants)
 #   infra/container.sh clean   remove the images and .cache/container (the next build is cold)
 #
 # Settings: DOGBREEDS_CONTAINER_IMAGE (default localhost/dogbreeds-worker:latest),
+# DOGBREEDS_CONTAINER_LITE_IMAGE (default localhost/dogbreeds-worker-lite:latest),
 # DOGBREEDS_CONTAINER_CACHE (default .cache/container), DEBIAN_MIRROR, PYTHON.
 # podman runs with a containers.conf of its own (runc, explicit ulimits, cgroupfs, file events)
 # through CONTAINERS_CONF; the machine's configuration is not changed.
@@ -22,6 +27,7 @@ ROOT=$PWD
 
 CACHE=${DOGBREEDS_CONTAINER_CACHE:-$ROOT/.cache/container}
 IMAGE=${DOGBREEDS_CONTAINER_IMAGE:-localhost/dogbreeds-worker:latest}
+LITE_IMAGE=${DOGBREEDS_CONTAINER_LITE_IMAGE:-localhost/dogbreeds-worker-lite:latest}
 BASE_IMAGE=localhost/dogbreeds-base:bookworm
 SUITE=bookworm
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -99,10 +105,10 @@ wheels() {
     fi
     local started
     started=$(now_ms)
-    log "pip wheel: the project's dependencies, $AWSLAMBDARIC, setuptools, wheel -> $dir"
+    log "pip wheel: the worker's dependencies (both images), $AWSLAMBDARIC, setuptools, wheel -> $dir"
     mkdir -p "$dir"
     "$PYTHON" -m pip wheel --disable-pip-version-check -q --prefer-binary --wheel-dir "$dir" \
-        . "$AWSLAMBDARIC" "setuptools>=68" wheel \
+        ".[worker-tf,worker-lite]" "$AWSLAMBDARIC" "setuptools>=68" wheel \
         2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     rm -f "$dir"/dogbreeds-*.whl  # the image builds the project from its sources
     touch "$stamp"
@@ -120,6 +126,18 @@ context() {
     printf '[global]\nno-index = true\nfind-links = /wheels\n' > "$CACHE/pip.conf"
 }
 
+build_image() {  # build_image TAG WORKER_EXTRAS
+    local started size
+    started=$(now_ms)
+    log "podman build $1 (WORKER_EXTRAS=$2, BASE_IMAGE=$BASE_IMAGE, no network)"
+    podman build --pull=never --network=none \
+        --volume "$CACHE/wheels:/wheels:ro" --volume "$CACHE/pip.conf:/etc/pip.conf:ro" \
+        --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "WORKER_EXTRAS=$2" \
+        -f "$ROOT/infra/Dockerfile" -t "$1" "$CACHE/context"
+    size=$(podman image inspect --format '{{.Size}}' "$1")
+    log "built $1: $((size / 1000000)) MB in $(seconds_since "$started")"
+}
+
 build() {
     local started
     started=$(now_ms)
@@ -127,39 +145,44 @@ build() {
     base_image
     wheels
     context
-    log "podman build $IMAGE (BASE_IMAGE=$BASE_IMAGE, no network)"
-    podman build --pull=never --network=none \
-        --volume "$CACHE/wheels:/wheels:ro" --volume "$CACHE/pip.conf:/etc/pip.conf:ro" \
-        --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "$ROOT/infra/Dockerfile" -t "$IMAGE" "$CACHE/context"
-    local size
-    size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
-    log "built $IMAGE: $((size / 1000000)) MB in $(seconds_since "$started")"
+    build_image "$IMAGE" worker-tf,worker-lite
+    build_image "$LITE_IMAGE" worker-lite
+    log "both images in $(seconds_since "$started")"
 }
 
 test_image() {
     local started
     started=$(now_ms)
     need_packages
-    podman image exists "$IMAGE" || {
-        log "no image $IMAGE: run 'infra/container.sh build' first"
-        exit 1
-    }
+    local image
+    for image in "$IMAGE" "$LITE_IMAGE"; do
+        podman image exists "$image" || {
+            log "no image $image: run 'infra/container.sh build' first"
+            exit 1
+        }
+    done
     [[ -x .venv/bin/python ]] || make install
     infra/check.sh venv
     local rie
     rie=$(.venv-tools/bin/python -c \
         'import pathlib, samcli; print(pathlib.Path(samcli.__file__).parent / "local/rapid/aws-lambda-rie-x86_64")')
-    export DOGBREEDS_CONTAINER_IMAGE=$IMAGE DOGBREEDS_CONTAINER_ENGINE=podman DOGBREEDS_LAMBDA_RIE=$rie
-    export DOGBREEDS_CONTAINER_TIMINGS=$CACHE/timings.json
-    rm -f "$DOGBREEDS_CONTAINER_TIMINGS"
-    .venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_container.py "$@"
-    [[ ! -f $DOGBREEDS_CONTAINER_TIMINGS ]] || log "timings: $(cat "$DOGBREEDS_CONTAINER_TIMINGS")"
-    log "container test in $(seconds_since "$started")"
+    export DOGBREEDS_CONTAINER_ENGINE=podman DOGBREEDS_LAMBDA_RIE=$rie
+    local flavour
+    for flavour in full lite; do
+        if [[ $flavour == full ]]; then image=$IMAGE; else image=$LITE_IMAGE; fi
+        export DOGBREEDS_CONTAINER_IMAGE=$image DOGBREEDS_CONTAINER_FLAVOUR=$flavour
+        export DOGBREEDS_CONTAINER_TIMINGS=$CACHE/timings-$flavour.json
+        rm -f "$DOGBREEDS_CONTAINER_TIMINGS"
+        log "test $image ($flavour)"
+        .venv/bin/python -m pytest -q -p no:cacheprovider tests/integration/test_container.py "$@"
+        [[ ! -f $DOGBREEDS_CONTAINER_TIMINGS ]] || log "timings ($flavour): $(cat "$DOGBREEDS_CONTAINER_TIMINGS")"
+    done
+    log "container tests in $(seconds_since "$started")"
 }
 
 clean() {
     if command -v podman > /dev/null; then
-        podman rmi -f "$IMAGE" "$BASE_IMAGE" 2> /dev/null || true
+        podman rmi -f "$IMAGE" "$LITE_IMAGE" "$BASE_IMAGE" 2> /dev/null || true
         podman image prune -f > /dev/null || true
     fi
     rm -rf "$CACHE"

@@ -113,3 +113,58 @@ def colour_artifact(tmp_path_factory) -> Path:
         model_card="# colours\nA test model: dominant colour -> breed.\n",
     )
     return dest
+
+
+FAST_SIZE = 32
+
+
+def colour_data(n_per_class: int, seed0: int = 0):
+    from worker import images
+
+    x, y = [], []
+    for label, folder in enumerate(COLOUR_BREEDS):
+        for seed in range(seed0, seed0 + n_per_class):
+            x.append(images.load_image(colour_photo(COLOUR_BREEDS[folder], seed=seed), size=(FAST_SIZE, FAST_SIZE)))
+            y.append(label)
+    return np.stack(x), np.array(y)
+
+
+@pytest.fixture(scope="session")
+def fast_colour_artifact(tmp_path_factory) -> Path:
+    """A tiny conv net (VGG preprocessing layer, two convolutions, dense head) trained on the
+    colour 'breeds', published with its OpenVINO int8 and bf16 variants as publish does it."""
+    pytest.importorskip("openvino")  # the train / worker-lite extras
+    pytest.importorskip("nncf")  # the train extra (int8 quantisation at publish time)
+    import keras
+
+    from trainer import fast_runtimes
+    from trainer.preprocessing import build_preprocessing
+    from worker import artifact
+
+    keras.utils.set_random_seed(0)
+    x, y = colour_data(20)
+    model = keras.Sequential([
+        keras.Input((FAST_SIZE, FAST_SIZE, 3)),
+        build_preprocessing("vgg", "vgg16"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
+    root = tmp_path_factory.mktemp("fast")
+    saved = root / "saved"
+    model.export(str(saved), format="tf_saved_model", verbose=False)
+    heldout, labels = colour_data(10, seed0=100)
+    files, entries = fast_runtimes.build_openvino_variants(saved, root / "variants", calibration=x, heldout=heldout,
+                                                           heldout_labels=labels, threads=1)
+    dest = root / "colours-fast"
+    artifact.write_artifact(
+        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+        manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny", "input_size": [FAST_SIZE, FAST_SIZE],
+                         "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
+        model_card="# colours-fast\nA tiny test model with OpenVINO variants.\n", extra_files=files)
+    return dest

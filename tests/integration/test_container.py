@@ -7,6 +7,10 @@
     batchItemFailures), with Lambda's read-only filesystem (only /tmp writable);
 (b) the poller entry point (dogbreeds-worker run --until-empty) of the same image.
 
+Two images run these tests (DOGBREEDS_CONTAINER_FLAVOUR): ``full`` (TensorFlow + OpenVINO) serves
+a TensorFlow-only model with TensorFlow; ``lite`` (the worker-lite extra, no TensorFlow in the
+image) serves a model published with its OpenVINO variants, and every manifest must say so.
+
 Built and run by `infra/container.sh build` / `infra/container.sh test`, which sets
 DOGBREEDS_CONTAINER_IMAGE (the image), DOGBREEDS_CONTAINER_ENGINE (podman; docker works too) and
 DOGBREEDS_LAMBDA_RIE (the emulator binary from the aws-sam-cli wheel). Skipped only when no image
@@ -36,6 +40,8 @@ if not IMAGE:
     pytest.skip("no container image: DOGBREEDS_CONTAINER_IMAGE is unset (infra/container.sh build, then test)",
                 allow_module_level=True)
 ENGINE = os.environ.get("DOGBREEDS_CONTAINER_ENGINE", "podman")
+FLAVOUR = os.environ.get("DOGBREEDS_CONTAINER_FLAVOUR", "full")
+assert FLAVOUR in ("full", "lite"), f"DOGBREEDS_CONTAINER_FLAVOUR={FLAVOUR!r}: full or lite"
 REGION = "us-east-1"
 HANDLER = "worker.handler.lambda_handler"
 TIMINGS: dict[str, float] = {}
@@ -68,6 +74,13 @@ def record_timings():
     print("container timings:", json.dumps(TIMINGS))
 
 
+@pytest.fixture(scope="module")
+def served_artifact(request) -> Path:
+    """The model the image serves: the TensorFlow-only colour model (full image), or the colour
+    model published with OpenVINO int8/bf16 variants (lite image: it has no TensorFlow)."""
+    return request.getfixturevalue("colour_artifact" if FLAVOUR == "full" else "fast_colour_artifact")
+
+
 def clients(moto):
     env = moto.environment()
     kw = dict(endpoint_url=moto.endpoint, region_name=REGION, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
@@ -75,14 +88,14 @@ def clients(moto):
     return boto3.client("s3", **kw), boto3.client("sqs", **kw)
 
 
-def deployed_stack(moto, colour_artifact, name: str, max_receive_count: int = 5):
-    """The local stand-in of infra/template.yaml, with the colour model published under models/."""
+def deployed_stack(moto, artifact: Path, name: str, max_receive_count: int = 5):
+    """The local stand-in of infra/template.yaml, with the model published under models/."""
     from worker.artifact import upload_artifact
 
     s3, sqs = clients(moto)
     stack = create_stack(s3, sqs, bucket=name, queue=name, max_receive_count=max_receive_count)
-    model = upload_artifact(colour_artifact, f"s3://{name}/models", s3=s3)
-    assert model == f"s3://{name}/models/colours/v1"
+    model = upload_artifact(artifact, f"s3://{name}/models", s3=s3)
+    assert model == f"s3://{name}/models/{artifact.name}/v1"
     return stack, s3, sqs
 
 
@@ -112,6 +125,10 @@ def manifest_items(s3, bucket: str) -> dict[str, dict]:
 
 
 def check_manifests(s3, bucket: str, expected: dict[str, str]) -> None:
+    runtimes = set()
+    for o in s3.list_objects_v2(Bucket=bucket, Prefix="manifests/").get("Contents", []):
+        runtimes.add(json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())["model"]["runtime"])
+    assert runtimes == ({"tf"} if FLAVOUR == "full" else {"openvino-int8"}), runtimes
     items = manifest_items(s3, bucket)
     assert set(items) == set(expected), sorted(items)
     for key, breed in expected.items():
@@ -126,9 +143,9 @@ def queue_counts(sqs, url: str) -> tuple[int, int]:
     return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
-def worker_environment(moto, bucket: str) -> dict[str, str]:
+def worker_environment(moto, bucket: str, model: str) -> dict[str, str]:
     """What infra/template.yaml gives the function, pointed at the moto server."""
-    return {**moto.environment(), "AWS_REGION": REGION, "DOGBREEDS_MODEL": f"s3://{bucket}/models/colours/latest",
+    return {**moto.environment(), "AWS_REGION": REGION, "DOGBREEDS_MODEL": f"s3://{bucket}/models/{model}/latest",
             "DOGBREEDS_OUTPUT_BUCKET": bucket, "DOGBREEDS_OUTPUT_PREFIX": "manifests",
             "DOGBREEDS_CACHE": "/tmp/dogbreeds", "POWERTOOLS_SERVICE_NAME": "dogbreeds-worker",
             "POWERTOOLS_METRICS_NAMESPACE": "dogbreeds"}
@@ -221,15 +238,15 @@ class EventSourceMapping:
         return self.invocations
 
 
-def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, colour_artifact, tmp_path):
+def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, served_artifact, tmp_path):
     bucket = "dogbreeds-lambda"
-    stack, s3, sqs = deployed_stack(moto, colour_artifact, bucket)
+    stack, s3, sqs = deployed_stack(moto, served_artifact, bucket)
     expected = put_photos(s3, bucket, "first")
     malformed = sqs.send_message(QueueUrl=stack.queue_url, MessageBody="{not json")["MessageId"]
 
     rie, port, api_port = rie_binary(), free_port(), free_port()
     name = f"dogbreeds-lambda-{uuid.uuid4().hex[:8]}"
-    command = engine_run(name, worker_environment(moto, bucket),
+    command = engine_run(name, worker_environment(moto, bucket, served_artifact.name),
                          "--volume", f"{rie}:/usr/local/bin/aws-lambda-rie:ro",
                          "--entrypoint", "/usr/local/bin/aws-lambda-rie", IMAGE,
                          "--runtime-interface-emulator-address", f"127.0.0.1:{port}",
@@ -270,14 +287,15 @@ def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, colour_ar
     assert logs.count('"model loaded"') == 1, logs[-6000:]  # one cold start for both waves
 
 
-def test_poller_entry_point(moto, colour_artifact):
+def test_poller_entry_point(moto, served_artifact):
     bucket = "dogbreeds-poller"
-    stack, s3, sqs = deployed_stack(moto, colour_artifact, bucket, max_receive_count=2)
+    stack, s3, sqs = deployed_stack(moto, served_artifact, bucket, max_receive_count=2)
     expected = put_photos(s3, bucket, "batch")
     sqs.send_message(QueueUrl=stack.queue_url, MessageBody="{not json")
 
     name = f"dogbreeds-poller-{uuid.uuid4().hex[:8]}"
-    command = engine_run(name, {**worker_environment(moto, bucket), "DOGBREEDS_QUEUE_URL": stack.queue_url},
+    command = engine_run(name, {**worker_environment(moto, bucket, served_artifact.name),
+                               "DOGBREEDS_QUEUE_URL": stack.queue_url},
                          "--entrypoint", "dogbreeds-worker", IMAGE,
                          "run", "--until-empty", "--wait-seconds", "1", "--retry-delay", "0")
     first_manifest: list[float] = []

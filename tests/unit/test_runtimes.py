@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import COLOUR_BREEDS, colour_photo
+from tests.conftest import COLOUR_BREEDS, FAST_SIZE, colour_data, colour_photo
 from worker import runtimes
 from worker.runtimes import RuntimeSelectionError, select
 
 REPO = Path(__file__).resolve().parents[2]
-SIZE = 32
+SIZE = FAST_SIZE
 
 TF_ONLY = {"tf": {"path": "model", "precision": "fp32"}}
 
@@ -137,62 +137,10 @@ def test_fallback_margin_is_a_quantile_of_the_margin_shift():
 
 
 
-def _colour_data(n_per_class: int, seed0: int = 0):
-    from worker import images
-
-    x, y = [], []
-    for label, folder in enumerate(COLOUR_BREEDS):
-        for seed in range(seed0, seed0 + n_per_class):
-            x.append(images.load_image(colour_photo(COLOUR_BREEDS[folder], seed=seed), size=(SIZE, SIZE)))
-            y.append(label)
-    return np.stack(x), np.array(y)
-
-
-@pytest.fixture(scope="module")
-def fast_artifact(tmp_path_factory) -> Path:
-    """A tiny conv net (VGG preprocessing layer, two convolutions, dense head) trained on the
-    colour 'breeds', published with its OpenVINO int8 and bf16 variants as publish does it."""
-    pytest.importorskip("openvino")  # the train / worker-lite extras
-    pytest.importorskip("nncf")  # the train extra (int8 quantisation at publish time)
-    import keras
-
-    from trainer import fast_runtimes
-    from trainer.preprocessing import build_preprocessing
-    from worker import artifact
-
-    keras.utils.set_random_seed(0)
-    x, y = _colour_data(20)
-    model = keras.Sequential([
-        keras.Input((SIZE, SIZE, 3)),
-        build_preprocessing("vgg", "vgg16"),
-        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax"),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
-    root = tmp_path_factory.mktemp("fast")
-    saved = root / "saved"
-    model.export(str(saved), format="tf_saved_model", verbose=False)
-    heldout, labels = _colour_data(10, seed0=100)
-    files, entries = fast_runtimes.build_openvino_variants(saved, root / "variants", calibration=x, heldout=heldout,
-                                                           heldout_labels=labels, threads=1)
-    dest = root / "artifact"
-    artifact.write_artifact(
-        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
-        manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny", "input_size": [SIZE, SIZE],
-                         "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
-        model_card="# colours-fast\nA tiny test model with OpenVINO variants.\n", extra_files=files)
-    return dest
-
-
-def test_publish_records_variants_with_measured_agreement(fast_artifact):
+def test_publish_records_variants_with_measured_agreement(fast_colour_artifact):
     from worker.artifact import verify_artifact
 
-    manifest = verify_artifact(fast_artifact)
+    manifest = verify_artifact(fast_colour_artifact)
     assert manifest.runtimes["tf"] == {"path": "model", "precision": "fp32"}  # unchanged contract
     for precision in ("int8", "bf16"):
         entry = manifest.runtimes[f"openvino-{precision}"]
@@ -209,7 +157,7 @@ def test_publish_records_variants_with_measured_agreement(fast_artifact):
     assert manifest.runtimes["openvino-int8"]["int8_only_agreement"]["photos"] == 30
     quantization = manifest.runtimes["openvino-int8"]["quantization"]
     assert quantization["calibration_photos"] == 60
-    xml = (fast_artifact / "model-openvino-int8" / "model.xml").read_text()
+    xml = (fast_colour_artifact / "model-openvino-int8" / "model.xml").read_text()
     assert "FakeQuantize" in xml  # really quantised
 
 
@@ -229,26 +177,26 @@ def _int8_layers(model) -> tuple[list[bool], list[bool]]:
             [_int8_weights(op) for op in ops if op.get_type_name() == "MatMul"])
 
 
-def test_int8_ir_keeps_the_dense_head_in_float(fast_artifact):
+def test_int8_ir_keeps_the_dense_head_in_float(fast_colour_artifact):
     import openvino as ov
 
     from trainer.fast_runtimes import quantize_int8
 
-    model = ov.Core().read_model(str(fast_artifact / "model-openvino-int8" / "model.xml"))
+    model = ov.Core().read_model(str(fast_colour_artifact / "model-openvino-int8" / "model.xml"))
     assert _int8_layers(model) == ([True, True], [False, False])  # convolutions int8, dense head float
     # optionally the first convolution (it sees raw pixels) stays in float too
-    calibration, _ = _colour_data(4)
-    both = quantize_int8(ov.convert_model(str(fast_artifact / "model")), calibration, keep_float=("head", "first_conv"))
+    calibration, _ = colour_data(4)
+    both = quantize_int8(ov.convert_model(str(fast_colour_artifact / "model")), calibration, keep_float=("head", "first_conv"))
     assert _int8_layers(both) == ([False, True], [False, False])
 
 
-def test_tampered_variant_is_refused(fast_artifact, tmp_path):
+def test_tampered_variant_is_refused(fast_colour_artifact, tmp_path):
     import shutil
 
     from worker.artifact import ArtifactError, verify_artifact
 
     copy = tmp_path / "copy"
-    shutil.copytree(fast_artifact, copy)
+    shutil.copytree(fast_colour_artifact, copy)
     with open(copy / "model-openvino-int8" / "model.bin", "r+b") as f:
         f.seek(100)
         byte = f.read(1)
@@ -264,39 +212,39 @@ def test_tampered_variant_is_refused(fast_artifact, tmp_path):
         verify_artifact(copy)
 
 
-def test_classifier_serves_each_runtime_and_they_agree(fast_artifact, monkeypatch):
+def test_classifier_serves_each_runtime_and_they_agree(fast_colour_artifact, monkeypatch):
     from worker.classifier import Classifier
 
     monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
-    photos, labels = _colour_data(5, seed0=300)
+    photos, labels = colour_data(5, seed0=300)
     tops = {}
     for runtime in ("auto", "tf", "openvino-bf16", "openvino"):
-        classifier = Classifier.load(str(fast_artifact), top_k=2, runtime=runtime)
+        classifier = Classifier.load(str(fast_colour_artifact), top_k=2, runtime=runtime)
         tops[classifier.model_info["runtime"]] = [t[0].breed for t in classifier.classify(photos)]
         probs = classifier.artifact.predict(photos.astype(np.float32))
         assert probs.shape == (len(photos), 3) and np.allclose(probs.sum(1), 1, atol=1e-3)
     assert set(tops) == {"openvino-int8", "tf", "openvino-bf16"}  # auto and "openvino" -> int8
     assert tops["openvino-int8"] == tops["tf"] == tops["openvino-bf16"]
-    cascade = Classifier.load(str(fast_artifact), runtime="openvino-int8").artifact.predict._inner
-    assert cascade.below_margin == json.loads((fast_artifact / "manifest.json").read_text())[
+    cascade = Classifier.load(str(fast_colour_artifact), runtime="openvino-int8").artifact.predict._inner
+    assert cascade.below_margin == json.loads((fast_colour_artifact / "manifest.json").read_text())[
         "runtimes"]["openvino-int8"]["fallback"]["below_margin"]
-    assert Classifier.load(str(fast_artifact), runtime="tf").artifact.predict(
+    assert Classifier.load(str(fast_colour_artifact), runtime="tf").artifact.predict(
         np.zeros((0, SIZE, SIZE, 3), np.float32)).shape == (0, 3)
 
 
-def test_cli_predict_runtime_option(fast_artifact, tmp_path):
+def test_cli_predict_runtime_option(fast_colour_artifact, tmp_path):
     from click.testing import CliRunner
 
     from worker.cli import main
 
     for seed, folder in enumerate(COLOUR_BREEDS):
         (tmp_path / f"{seed}.jpg").write_bytes(colour_photo(COLOUR_BREEDS[folder], seed=500 + seed))
-    result = CliRunner().invoke(main, ["predict", "--model", str(fast_artifact), "--runtime", "openvino-int8", "--json",
+    result = CliRunner().invoke(main, ["predict", "--model", str(fast_colour_artifact), "--runtime", "openvino-int8", "--json",
                                        str(tmp_path)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert [r["breed"] for r in rows] == [f.split("-", 1)[1] for f in COLOUR_BREEDS]
-    bad = CliRunner().invoke(main, ["predict", "--model", str(fast_artifact), "--runtime", "onnx", str(tmp_path)])
+    bad = CliRunner().invoke(main, ["predict", "--model", str(fast_colour_artifact), "--runtime", "onnx", str(tmp_path)])
     assert bad.exit_code != 0 and "not in this artifact" in str(bad.exception)
 
 
@@ -313,7 +261,7 @@ sys.meta_path.insert(0, Block())
 """
 
 
-def test_worker_serves_the_fast_runtime_without_tensorflow(fast_artifact, tmp_path):
+def test_worker_serves_the_fast_runtime_without_tensorflow(fast_colour_artifact, tmp_path):
     """The worker modules import TensorFlow only for the tf runtime: with every import of
     tensorflow/keras failing, the worker still loads the artifact and classifies with OpenVINO."""
     photo = tmp_path / "photo.jpg"
@@ -325,11 +273,11 @@ from worker import images, runtimes
 from worker.classifier import Classifier
 
 assert not runtimes.is_available('tf') and runtimes.is_available('openvino')  # as in a worker-lite install
-classifier = Classifier.load({str(fast_artifact)!r}, top_k=1)
+classifier = Classifier.load({str(fast_colour_artifact)!r}, top_k=1)
 pixels = images.read_image_file({str(photo)!r}, size=classifier.input_size)[None]
 top = classifier.classify(pixels)[0][0]
 try:
-    Classifier.load({str(fast_artifact)!r}, runtime='tf')
+    Classifier.load({str(fast_colour_artifact)!r}, runtime='tf')
     tf_error = None
 except Exception as error:
     tf_error = type(error).__name__
