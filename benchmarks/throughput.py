@@ -122,12 +122,12 @@ def test_photos(folders: list[str]) -> list[tuple[Path, int]]:
     return out
 
 
-def decode(paths, size) -> "np.ndarray":  # noqa: F821
+def decode(paths, size, fit) -> "np.ndarray":  # noqa: F821
     import numpy as np
 
     from worker import images
 
-    return np.stack([images.read_image_file(p, size=size) for p in paths])
+    return np.stack([images.read_image_file(p, size=size, fit=fit) for p in paths])
 
 
 # --------------------------------------------------------------------------- model
@@ -168,7 +168,7 @@ def child_bare(args) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     # 64 photos, held-out ones first: batches rotate over them, so the int8 cascade re-runs its
     # usual share of close calls instead of whatever one fixed batch holds
-    pixels = decode(sample_photos(max(64, *batches)), (w, h)).astype(np.float32)
+    pixels = decode(sample_photos(max(64, *batches)), (w, h), loaded.manifest.input_fit).astype(np.float32)
     out = {"runtime": loaded.runtime, "precision": loaded.manifest.runtimes[loaded.runtime].get("precision", "fp32"),
            "load_s": round(load_s, 2), "img_s": {}, "loadavg": loadavg()}
     inner = getattr(loaded.predict, "_inner", None)
@@ -195,7 +195,7 @@ def child_bare(args) -> None:
         paths = json.loads(Path(args.probs + ".json").read_text())
         probs = []
         for i in range(0, len(paths), 16):
-            probs.append(loaded.predict(decode(paths[i:i + 16], (w, h)).astype(np.float32)))
+            probs.append(loaded.predict(decode(paths[i:i + 16], (w, h), loaded.manifest.input_fit).astype(np.float32)))
         np.save(args.probs + f".{loaded.runtime}.npy", np.concatenate(probs))
     out["peak_rss_mb"] = peak_rss_mb()
     out["tensorflow_imported"] = "tensorflow" in sys.modules

@@ -238,14 +238,14 @@ class LoadedPhotos:
 
 
 def load_photos(dataset: DatasetIndex, photos: Sequence[Photo], size: tuple[int, int] = images.MODEL_INPUT_SIZE,
-                desc: str = "decode", progress: bool = True) -> LoadedPhotos:
+                desc: str = "decode", progress: bool = True, fit: str = images.DEFAULT_FIT) -> LoadedPhotos:
     """Decode and resize photos with worker.images (the serving decoder); unreadable ones are
     skipped and reported, never fatal."""
     index = dataset.class_index()
     kept, arrays, labels, failures = [], [], [], []
     for photo in tqdm(photos, desc=desc, unit="img", disable=not progress, leave=False):
         try:
-            arrays.append(images.load_image(dataset.read_bytes(photo), size=size))
+            arrays.append(images.load_image(dataset.read_bytes(photo), size=size, fit=fit))
         except images.ImageDecodeError as error:
             failures.append((photo.relative_path, error.code))
             continue

@@ -37,6 +37,7 @@ class RunConfig:
     breeds: list[str] | None = None
     min_photos: int = 0  # keep only breeds with at least this many photos
     image_size: int = 224
+    image_fit: str = "crop"  # worker.images fit: crop (aspect kept, centre) or squash
     augment_copies: int = 2
     seed: int = 0
     epochs: int = 60
@@ -50,6 +51,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        known.setdefault("image_fit", "squash")  # runs saved before image_fit existed squashed their photos
         return cls(**known)
 
 
@@ -108,7 +110,8 @@ def prepare(config: RunConfig) -> Prepared:
                                            for part in datasets.SPLITS])
     _log(config, f"data: {len(dataset.classes)} breeds, split {split.counts()} ({split.method})")
     size = (config.image_size, config.image_size)
-    loaded = {part: datasets.load_photos(dataset, split.photos(dataset, part), size, desc=f"decode {part}",
+    loaded = {part: datasets.load_photos(dataset, split.photos(dataset, part), size, fit=config.image_fit,
+                                         desc=f"decode {part}",
                                          progress=config.progress) for part in datasets.SPLITS}
     for part, photos in loaded.items():
         for path, code in photos.failures:

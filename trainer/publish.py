@@ -16,7 +16,7 @@ import numpy as np
 from trainer import models
 from trainer import preprocessing as _registered_layers  # noqa: F401  (custom layers for keras.models.load_model)
 from trainer.experiment import load_run
-from worker import artifact
+from worker import artifact, images
 
 PLOTS = ("curves.png", "confusion.png", "mistakes.png")
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def model_card(run: dict, name: str) -> str:
 | model family | `{run['family']}` |
 | backbone | `{run['backbone']}` |
 | weights started from | {weights.get('kind')}: {weights.get('note', '')} (sha256 `{weights.get('sha256', '')[:16]}...`) |
-| preprocessing | `{config['preprocessing']}` (inside the model: feed float32 RGB 0..255, {config['image_size']}x{config['image_size']}) |
+| preprocessing | `{config['preprocessing']}` (inside the model: feed float32 RGB 0..255, {config['image_size']}x{config['image_size']}, resized with fit `{config.get('image_fit', images.LEGACY_FIT)}`) |
 | breeds | {len(run['classes'])} |
 | data | `{config['data']}` |
 | split | {run['split']['method']}: train {run['split']['train']}, val {run['split']['val']}, test {run['split']['test']} |
@@ -90,6 +90,11 @@ def model_card(run: dict, name: str) -> str:
 """
 
 
+def run_fit(run: dict) -> str:
+    """The worker.images fit of a run (runs saved before image_fit existed squashed their photos)."""
+    return run["config"].get("image_fit", images.LEGACY_FIT)
+
+
 def _run_photos(run_dir: Path, run: dict, parts: tuple[str, ...], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Decoded photos (uint8) and class indices of some split parts of a run (split.json +
     the run config's data folder or S3 prefix; unreadable photos are skipped)."""
@@ -99,7 +104,7 @@ def _run_photos(run_dir: Path, run: dict, parts: tuple[str, ...], size: int) -> 
     relative = [r for part in parts for r in split.get(part, [])]
     dataset = DatasetIndex(source=run["config"]["data"], classes=list(run["classes"]),
                            photos=[Photo(r, r.split("/", 1)[0]) for r in relative])
-    loaded = load_photos(dataset, dataset.photos, size=(size, size), progress=False)
+    loaded = load_photos(dataset, dataset.photos, size=(size, size), progress=False, fit=run_fit(run))
     return loaded.pixels, loaded.labels
 
 
@@ -141,6 +146,7 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
         "backbone": run["backbone"],
         "weights": run["weights"],
         "input_size": input_size,
+        "input_fit": run_fit(run),
         "preprocessing": run["config"]["preprocessing"],
         "metrics": {**run["metrics"], "per_breed": evaluation.get("per_breed", {})},
         "hyperparameters": run["hyperparameters"],

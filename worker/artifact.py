@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from worker.images import DEFAULT_FIT, FITS, LEGACY_FIT
 from worker.s3uri import S3Uri, is_s3_uri, s3_client
 
 __all__ = [
@@ -63,7 +64,7 @@ LATEST = "latest"
 SAVED_MODEL_PB = f"{MODEL_DIR}/saved_model.pb"
 SERVE_SIGNATURE = "serve"
 
-DEFAULT_INPUT_FORMAT = "float32 RGB 0..255, resized with worker.images.resize_image"
+DEFAULT_INPUT_FORMAT = "float32 RGB 0..255, resized with worker.images.resize_image (fit: input_fit)"
 DEFAULT_PREPROCESSING = "inside the SavedModel (feed raw 0..255 RGB)"
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -142,6 +143,9 @@ class ArtifactManifest:
     training: dict = field(default_factory=dict)
     runtimes: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative posix path -> sha256
+    # worker.images fit the model was trained with; manifests written before the field existed
+    # were trained on squashed photos
+    input_fit: str = LEGACY_FIT
 
     # Class constant (no annotation, so not a dataclass field): field -> (check, description).
     _TYPES = {
@@ -182,6 +186,7 @@ class ArtifactManifest:
             "weights": dict(self.weights),
             "input_size": list(self.input_size),
             "input_format": self.input_format,
+            "input_fit": self.input_fit,
             "preprocessing": self.preprocessing,
             "num_classes": self.num_classes,
             "metrics": dict(self.metrics),
@@ -210,9 +215,13 @@ class ArtifactManifest:
                 problems.append(f"manifest.json: missing field {name!r}")
             elif not check(d[name]):
                 problems.append(f"manifest.json: field {name!r} must be {desc}, got {d[name]!r}")
+        fit = d.get("input_fit", LEGACY_FIT)
+        if fit not in FITS:
+            problems.append(f"manifest.json: field 'input_fit' must be one of {list(FITS)}, got {fit!r}")
         if problems:
             raise ArtifactError("; ".join(problems), problems)
         kwargs = {name: d[name] for name in cls._TYPES}
+        kwargs["input_fit"] = fit
         kwargs["input_size"] = [int(x) for x in d["input_size"]]
         return cls(**kwargs)
 
@@ -393,7 +402,7 @@ def write_artifact(
     fields = dict(manifest_fields)
     if "files" in fields:
         raise ArtifactError("write_artifact: 'files' is computed, do not pass it in manifest_fields")
-    unknown = set(fields) - set(ArtifactManifest._TYPES)
+    unknown = set(fields) - set(ArtifactManifest._TYPES) - {"input_fit"}
     if unknown:
         raise ArtifactError(f"write_artifact: unknown manifest fields {sorted(unknown)}")
     for required in ("name", "backbone", "input_size"):
@@ -410,6 +419,7 @@ def write_artifact(
     fields.setdefault("created", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
     fields.setdefault("weights", {})
     fields.setdefault("input_format", DEFAULT_INPUT_FORMAT)
+    fields.setdefault("input_fit", DEFAULT_FIT)
     fields.setdefault("preprocessing", DEFAULT_PREPROCESSING)
     fields.setdefault("metrics", {})
     fields.setdefault("hyperparameters", {})

@@ -34,6 +34,11 @@ class Classifier:
         return (w, h)
 
     @property
+    def input_fit(self) -> str:
+        """The ``worker.images`` fit the model was trained with (``crop`` or ``squash``)."""
+        return self.artifact.manifest.input_fit
+
+    @property
     def model_info(self) -> dict:
         m = self.artifact.manifest
         return {"name": m.name, "version": m.version, "runtime": getattr(self.artifact, "runtime", "tf")}

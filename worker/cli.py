@@ -90,7 +90,8 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
     for index, path in enumerate(tqdm(files, desc="classify", unit="img", disable=not had_folder or as_json,
                                       file=sys.stderr)):
         try:
-            batch.append((index, path, load_image(path.read_bytes(), size=classifier.input_size)))
+            batch.append((index, path, load_image(path.read_bytes(), size=classifier.input_size,
+                                                     fit=classifier.input_fit)))
         except ImageDecodeError as error:
             emit(index, {"path": str(path), "status": "error", "error_code": error.code, "error_message": error.message})
         except OSError as error:

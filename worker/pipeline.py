@@ -116,7 +116,8 @@ class ItemError(Exception):
         self.code, self.message = code, message
 
 
-def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: images.DecodeLimits) -> Fetched:
+def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: images.DecodeLimits,
+                     fit: str = images.DEFAULT_FIT) -> Fetched:
     """Read one photo and decode it; permanent problems become an item error, transient ones
     raise TransientError."""
     started = time.perf_counter()
@@ -127,7 +128,7 @@ def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: image
         return Fetched(ref, None, etag, version_id, (error.code, error.message), {"download": _ms(started)})
     downloaded = time.perf_counter()
     try:
-        pixels, error = images.load_image(data, size=size, limits=limits), None
+        pixels, error = images.load_image(data, size=size, fit=fit, limits=limits), None
     except images.ImageDecodeError as decode_error:
         pixels, error = None, (decode_error.code, decode_error.message)
     return Fetched(ref, pixels, etag, version_id, error,
@@ -174,12 +175,12 @@ class Pipeline:
 
     def _fetched(self, refs: Iterable[ImageRef]):
         """Fetch with a bounded look-ahead; yields in input order."""
-        size, limits = self.classifier.input_size, self.settings.limits
+        size, fit, limits = self.classifier.input_size, self.classifier.input_fit, self.settings.limits
         pending: deque[Future] = deque()
         iterator = iter(refs)
         try:
             for ref in iterator:
-                pending.append(self._executor.submit(fetch_and_decode, self.reader, ref, size, limits))
+                pending.append(self._executor.submit(fetch_and_decode, self.reader, ref, size, limits, fit))
                 if len(pending) >= self.settings.window:
                     yield pending.popleft().result()
             while pending:

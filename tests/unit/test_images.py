@@ -17,12 +17,15 @@ from PIL import Image, ImageFile
 
 from worker import images
 from worker.images import (
+    DEFAULT_FIT,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ERROR_CODES,
+    FITS,
     MODEL_INPUT_SIZE,
     DecodeLimits,
     ImageDecodeError,
+    crop_box,
     decode_image,
     load_image,
     read_image_file,
@@ -432,26 +435,54 @@ def test_module_leaves_pil_globals_alone():
 # --------------------------------------------------------------------------
 # resize / load
 # --------------------------------------------------------------------------
-def test_resize_is_a_squash():
+def test_squash_keeps_the_whole_photo_distorted():
     src = np.asarray(two_colour(400, 200))
-    out = resize_image(src)
+    out = resize_image(src, fit="squash")
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
     assert np.all(out[:, :100] == RED)  # left half red, top to bottom: no letterbox
     assert np.all(out[:, 124:] == BLUE)
-
-
-def test_resize_keeps_the_whole_width_no_crop():
-    # left quarter red: a centre crop to a square would lose it entirely
-    src = np.asarray(two_colour(400, 200, split=0.25))
-    out = resize_image(src)
+    # left quarter red: squash keeps it (a centre crop to a square loses it entirely)
+    out = resize_image(np.asarray(two_colour(400, 200, split=0.25)), fit="squash")
     assert np.all(out[:, :50] == RED)
     assert np.all(out[:, 62:] == BLUE)
+
+
+def test_crop_is_the_default_and_keeps_the_centre_undistorted():
+    # 400x200, left quarter red: the centre 200x200 square (x 100..300) is all blue
+    src = np.asarray(two_colour(400, 200, split=0.25))
+    out = resize_image(src)
+    assert out.shape == (224, 224, 3) and np.all(out == BLUE)
+    assert DEFAULT_FIT == "crop" and FITS == ("crop", "squash")
+    # a tall photo loses its top and bottom: 100x300, the centre 100x100 is rows 100..200
+    tall = np.zeros((300, 100, 3), np.uint8)
+    tall[:100], tall[100:200], tall[200:] = RED, BLUE, RED
+    np.testing.assert_array_equal(resize_image(tall, (50, 50)), np.full((50, 50, 3), BLUE, np.uint8))
+    # undistorted: a circle stays a circle (equal extent across and down)
+    yy, xx = np.mgrid[:300, :500]
+    disc = np.where(((xx - 250) ** 2 + (yy - 150) ** 2 < 100 ** 2)[..., None], 255, 0).astype(np.uint8).repeat(3, 2)
+    mask = resize_image(disc, (150, 150))[..., 0] > 127
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    assert abs((rows[-1] - rows[0]) - (cols[-1] - cols[0])) <= 1
+    squashed = resize_image(disc, (150, 150), fit="squash")[..., 0] > 127
+    rows, cols = np.flatnonzero(squashed.any(1)), np.flatnonzero(squashed.any(0))
+    assert (rows[-1] - rows[0]) - (cols[-1] - cols[0]) > 30  # stretched across
+
+
+def test_crop_box_matches_an_explicit_crop_then_resize():
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (90, 170, 3), dtype=np.uint8)
+    assert crop_box(170, 90, (64, 32)) == (0, 2, 170, 87)  # a 2:1 box, centred
+    assert crop_box(90, 170, (32, 32)) == (0, 40, 90, 130) and crop_box(400, 200, (32, 32)) == (100, 0, 300, 200)
+    expected = np.asarray(Image.fromarray(src[2:87]).resize((64, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(resize_image(src, (64, 32)), expected)
+    with pytest.raises(ValueError, match="unknown fit"):
+        resize_image(src, (64, 32), fit="pad")
 
 
 def test_resize_size_is_width_height_and_bilinear():
     rng = np.random.default_rng(2)
     src = rng.integers(0, 256, (90, 170, 3), dtype=np.uint8)
-    out = resize_image(src, (64, 32))
+    out = resize_image(src, (64, 32), fit="squash")
     assert out.shape == (32, 64, 3) and out.dtype == np.uint8
     expected = np.asarray(Image.fromarray(src).resize((64, 32), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(out, expected)
