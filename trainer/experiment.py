@@ -129,10 +129,12 @@ def prepare(config: RunConfig) -> Prepared:
         weights = source.to_dict()
         _log(config, f"backbone: {family.backbone}, weights: {source.kind} ({source.note})")
         cut = family.cut_layer or backbone.layers[-1].name
-        extractor = features_mod.build_extractor(backbone, cut, config.preprocessing, family.backbone, (*size, 3))
+        extractor = features_mod.build_extractor(backbone, cut, config.preprocessing, family.backbone, (*size, 3),
+                                                 pooling=family.feature_pooling)
         cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.DEFAULT_CACHE)
         common = dict(extractor=extractor, cache=cache, backbone=family.backbone, weights_sha256=source.sha256,
-                      preprocessing_choice=config.preprocessing, cut_layer=cut, seed=config.seed,
+                      preprocessing_choice=config.preprocessing, cut_layer=models.feature_name(family, backbone),
+                      seed=config.seed,
                       progress=config.progress)
         train_copies = features_mod.features_for(loaded["train"].pixels, copies=config.augment_copies,
                                                  desc="train features", **common)

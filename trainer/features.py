@@ -44,15 +44,16 @@ def pixels_sha256(pixels: np.ndarray) -> str:
 
 
 def build_extractor(backbone, cut_layer: str | None, preprocessing_choice: str, backbone_name: str,
-                    input_shape=(224, 224, 3)):
-    """photos (float32 RGB 0..255) -> preprocessing -> frozen backbone part, as a Keras model."""
+                    input_shape=(224, 224, 3), pooling: str | None = None):
+    """photos (float32 RGB 0..255) -> preprocessing -> frozen backbone part (-> global pooling),
+    as a Keras model."""
     import keras
 
     from trainer.models import frozen_part
 
     inputs = keras.Input(input_shape, name="image")
     x = preprocessing.build_preprocessing(preprocessing_choice, backbone_name)(inputs)
-    outputs = frozen_part(backbone, cut_layer)(x, training=False)
+    outputs = frozen_part(backbone, cut_layer, pooling)(x, training=False)
     return keras.Model(inputs, outputs, name="feature_extractor")
 
 

@@ -20,6 +20,7 @@ import keras_tuner as kt
 from keras import layers
 
 from trainer import preprocessing
+from trainer.pooling import global_pooling
 
 ACTIVATIONS = ["relu", "tanh"]
 
@@ -44,6 +45,7 @@ class ModelFamily:
     inputs: str  # "features" (cached backbone outputs) or "images"
     build: Callable[[kt.HyperParameters, BuildContext], keras.Model]
     cut_layer: str | None = None  # last frozen backbone layer (its output is cached)
+    feature_pooling: str | None = None  # trainer.pooling applied to the cut layer's map before caching
     fine_tune_layers: tuple[str, ...] = ()  # unfrozen in a second phase at a low learning rate
     defaults: dict = field(default_factory=dict)
 
@@ -72,16 +74,11 @@ def _learning_rate(hp: kt.HyperParameters) -> float:
 
 
 def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
-    """Pooling, dropout, an optional hidden layer, softmax: the transfer head."""
-    pooling = hp.Choice("pooling", ["avg", "avgmax", "flatten"], default="avgmax")
-    if pooling == "avg":
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    elif pooling == "avgmax":
-        x = layers.Concatenate(name="avgmax_pool")(
-            [layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)]
-        )
-    else:
-        x = layers.Flatten(name="flatten")(x)
+    """Pooling (feature maps only: pooled features arrive as vectors), dropout, an optional
+    hidden layer, softmax: the transfer head."""
+    if len(x.shape) == 4:
+        pooling = hp.Choice("pooling", ["gem", "avg", "avgmax", "flatten"], default="gem")
+        x = layers.Flatten(name="flatten")(x) if pooling == "flatten" else global_pooling(pooling)(x)
     # Backbone activations are large and uneven (VGG16's reach hundreds): normalise them.
     x = layers.BatchNormalization(name="feature_norm")(x)
     x = layers.Dropout(hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.5), name="dropout_0")(x)
@@ -156,8 +153,9 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
     for family in [
         ModelFamily(
             "vgg16_transfer",
-            "frozen ImageNet VGG16 conv base + dense head (trained on cached block5_pool features)",
-            backbone="vgg16", inputs="features", build=build_transfer_head, cut_layer="block5_pool",
+            "frozen ImageNet VGG16 conv base + dense head (trained on cached GeM-pooled block5_conv3 features)",
+            backbone="vgg16", inputs="features", build=build_transfer_head, cut_layer="block5_conv3",
+            feature_pooling="gem",
         ),
         ModelFamily(
             "vgg16_finetune",
@@ -168,8 +166,8 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         ),
         ModelFamily(
             "efficientnet_lite0_transfer",
-            "frozen ImageNet EfficientNet-Lite0 + the same dense head",
-            backbone="efficientnet_lite0", inputs="features", build=build_transfer_head,
+            "frozen ImageNet EfficientNet-Lite0 + the same dense head (on cached GeM-pooled features)",
+            backbone="efficientnet_lite0", inputs="features", build=build_transfer_head, feature_pooling="gem",
         ),
         ModelFamily(
             "vgg16_scratch_0",
@@ -197,13 +195,23 @@ def build(name: str, hp: kt.HyperParameters, ctx: BuildContext) -> keras.Model:
     return get_family(name).build(hp, ctx)
 
 
-def frozen_part(backbone: keras.Model, cut_layer: str | None) -> keras.Model:
-    """The frozen part of a backbone, up to ``cut_layer`` (the whole base when None)."""
+def frozen_part(backbone: keras.Model, cut_layer: str | None, pooling: str | None = None) -> keras.Model:
+    """The frozen part of a backbone, up to ``cut_layer`` (the whole base when None), followed
+    by the global ``pooling`` of trainer.pooling when given."""
     base = backbone if cut_layer is None or cut_layer == backbone.layers[-1].name else keras.Model(
         backbone.input, backbone.get_layer(cut_layer).output, name=f"{backbone.name}_to_{cut_layer}"
     )
+    if pooling:
+        base = keras.Model(base.input, global_pooling(pooling)(base.output),
+                           name=f"{backbone.name}_to_{cut_layer or 'top'}_{pooling}")
     base.trainable = False
     return base
+
+
+def feature_name(family: ModelFamily, backbone: keras.Model) -> str:
+    """What a family's cached features are, for the cache key: the cut layer (+ pooling)."""
+    cut = family.cut_layer or backbone.layers[-1].name
+    return f"{cut}+{family.feature_pooling}" if family.feature_pooling else cut
 
 
 def assemble_inference_model(family: ModelFamily, trainable: keras.Model, *, backbone: keras.Model | None,
@@ -213,6 +221,6 @@ def assemble_inference_model(family: ModelFamily, trainable: keras.Model, *, bac
         return trainable
     inputs = keras.Input(input_shape, name="image")
     x = preprocessing.build_preprocessing(preprocessing_choice, family.backbone)(inputs)
-    x = frozen_part(backbone, family.cut_layer)(x, training=False)
+    x = frozen_part(backbone, family.cut_layer, family.feature_pooling)(x, training=False)
     outputs = trainable(x, training=False)
     return keras.Model(inputs, outputs, name=f"{family.name}_inference")

@@ -42,6 +42,49 @@ def test_tune_mode_draws_from_the_declared_search_space():
     assert space["activation"].values == ["relu", "tanh"]
 
 
+def test_pooled_features_skip_the_pooling_choice():
+    """vgg16_transfer caches GeM-pooled block5_conv3 vectors: its head starts at the vector."""
+    family = models.get_family("vgg16_transfer")
+    assert (family.cut_layer, family.feature_pooling) == ("block5_conv3", "gem")
+    hp = kt.HyperParameters()
+    model = models.build("vgg16_transfer", hp, ctx(feature_shape=(512,)))
+    assert "pooling" not in hp.values and {"lr", "dropout", "units", "activation"} <= set(hp.values)
+    assert model.input_shape == (None, 512) and model.output_shape == (None, 4)
+
+
+def test_global_poolings_compute_what_they_say():
+    from trainer.pooling import GeneralizedMeanPooling2D, global_pooling
+
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(1.0, 2.0, (3, 5, 4, 6)).astype(np.float32)
+    gem = global_pooling("gem")(maps)
+    np.testing.assert_allclose(gem, np.mean(maps ** 3, axis=(1, 2)) ** (1 / 3), rtol=1e-5)
+    np.testing.assert_allclose(global_pooling("avg")(maps), maps.mean((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(global_pooling("avgmax")(maps),
+                               np.concatenate([maps.mean((1, 2)), maps.max((1, 2))], 1), rtol=1e-5)
+    # p=1 is the average, a large p approaches the max; negatives are clipped (post-ReLU maps)
+    np.testing.assert_allclose(GeneralizedMeanPooling2D(1.0)(maps), maps.mean((1, 2)), rtol=1e-5)
+    assert np.all(np.asarray(GeneralizedMeanPooling2D(50.0)(maps)) > 0.9 * maps.max((1, 2)))
+    assert np.all(np.asarray(global_pooling("gem")(-maps)) < 1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        global_pooling("median")
+
+
+def test_frozen_part_with_pooling_round_trips_through_keras_saving(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    base = keras.Model(inputs, keras.layers.MaxPooling2D(name="pool")(x))
+    frozen = models.frozen_part(base, "conv", "gem")
+    assert frozen.output_shape == (None, 4) and not frozen.trainable
+    head_input = keras.Input((8, 8, 3))
+    model = keras.Model(head_input, keras.layers.Dense(2)(frozen(head_input)))
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(1).random((2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "m.keras")(x), model(x), rtol=1e-5)
+    assert models.feature_name(models.get_family("vgg16_transfer"), base) == "block5_conv3+gem"
+    assert models.feature_name(models.get_family("vgg16_finetune"), base) == "block4_pool"
+
+
 def test_seed_scratch_models_follow_the_slides():
     hp0, hp1 = kt.HyperParameters(), kt.HyperParameters()
     m0 = models.build("vgg16_scratch_0", hp0, ctx(input_shape=(32, 32, 3), preprocessing="seed"))
