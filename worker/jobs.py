@@ -10,12 +10,15 @@ redeliver (and, after maxReceiveCount, to move to the DLQ).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker import manifests
 from worker.messages import Job, MessageError, expand_prefix_job, parse_message
 from worker.observability import logger as log
 from worker.pipeline import Pipeline, TransientError
+
+MANIFEST_WRITERS = 8  # concurrent manifest PUTs per batch of messages
 
 
 @dataclass(frozen=True)
@@ -86,20 +89,33 @@ def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: 
         # Retry them one message at a time so that one bad bucket does not fail the others.
         results = None
         log.warning("transient fault in a shared batch, retrying per message", extra={"reason": str(error)})
+    items_of: dict[str, list] = {}
     cursor = 0
     for message_id, job in jobs.items():
+        if results is not None:
+            items_of[message_id] = results[cursor:cursor + len(job.refs)]
+            cursor += len(job.refs)
+        else:
+            try:
+                items_of[message_id] = pipeline.classify(list(job.refs))
+            except TransientError as error:
+                outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"transient: {error}")
+            except Exception as error:  # noqa: BLE001 - retry the message later
+                log.exception("classification failed", extra={"message_id": message_id})
+                outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"classify: {error}")
+
+    def write(message_id: str) -> MessageOutcome:
+        job = jobs[message_id]
         try:
-            if results is not None:
-                items = results[cursor:cursor + len(job.refs)]
-                cursor += len(job.refs)
-            else:
-                items = pipeline.classify(list(job.refs))
-            outcomes[message_id] = _write(job, items, message_id, pipeline, output)
-        except TransientError as error:
-            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"transient: {error}")
+            return _write(job, items_of[message_id], message_id, pipeline, output)
         except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
             log.exception("manifest write failed", extra={"message_id": message_id})
-            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
+            return MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
+
+    # One PUT per message: written concurrently, so ten small jobs cost one round trip, not ten.
+    with ThreadPoolExecutor(max(1, min(MANIFEST_WRITERS, len(items_of))), thread_name_prefix="manifest") as writers:
+        for message_id, outcome in zip(items_of, writers.map(write, items_of)):
+            outcomes[message_id] = outcome
     ordered = [outcomes[m.message_id] for m in messages]
     return BatchOutcome(ordered, len(refs), time.perf_counter() - started)
 
