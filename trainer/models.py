@@ -166,8 +166,9 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         ),
         ModelFamily(
             "efficientnet_lite0_transfer",
-            "frozen ImageNet EfficientNet-Lite0 + the same dense head (on cached GeM-pooled features)",
-            backbone="efficientnet_lite0", inputs="features", build=build_transfer_head, feature_pooling="gem",
+            "frozen ImageNet EfficientNet-Lite0 + the same dense head (on cached average-pooled features, "
+            "EfficientNet's own pooling)",
+            backbone="efficientnet_lite0", inputs="features", build=build_transfer_head, feature_pooling="avg",
         ),
         ModelFamily(
             "vgg16_scratch_0",
