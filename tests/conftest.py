@@ -157,7 +157,7 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
     model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
     root = tmp_path_factory.mktemp("fast")
     saved = root / "saved"
-    model.export(str(saved), format="tf_saved_model", verbose=False)
+    artifact.export_saved_model(model, saved)
     heldout, labels = colour_data(10, seed0=100)
     files, entries = fast_runtimes.build_openvino_variants(saved, root / "variants", calibration=x, heldout=heldout,
                                                            heldout_labels=labels, threads=1)

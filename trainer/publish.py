@@ -161,7 +161,7 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=Path(dest).parent) as tmp:
         saved = Path(tmp) / artifact.MODEL_DIR
-        model.export(str(saved), format="tf_saved_model", verbose=False)
+        artifact.export_saved_model(model, saved)
         runtimes = {"tf": {"path": artifact.MODEL_DIR, "precision": "fp32"}}
         if fast_runtimes:
             files, entries = fast_runtime_variants(run_dir, run, saved, Path(tmp) / "variants")

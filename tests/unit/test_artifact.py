@@ -159,6 +159,17 @@ def test_write_verify_load_roundtrip(built):
         loaded.predict(np.zeros((1, 16, 16, 3), np.float32))
 
 
+def test_exported_savedmodel_stores_each_weight_once(built):
+    """Keras 3's model.export() saves every variable twice; export_saved_model must not."""
+    import tensorflow as tf
+
+    path, _, _ = built
+    stored = {k: v for k, v in tf.train.load_checkpoint(str(path / "model" / "variables" / "variables"))
+              .get_variable_to_shape_map().items() if k != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    model = _tiny_model()
+    assert sorted(map(tuple, stored.values())) == sorted(tuple(v.shape) for v in model.variables)
+
+
 def test_write_rejects_label_count_mismatch(tmp_path):
     with pytest.raises(ArtifactError, match="3 classes but 4 labels"):
         write_artifact(tmp_path / "x", keras_model=_tiny_model(), labels=_labels() + [Label.from_folder(3, "n02086079-Pekinese")],
