@@ -232,6 +232,24 @@ def test_classifier_serves_each_runtime_and_they_agree(fast_colour_artifact, mon
         np.zeros((0, SIZE, SIZE, 3), np.float32)).shape == (0, 3)
 
 
+def test_tf_runtime_runs_micro_batches_with_the_same_answers(fast_colour_artifact, monkeypatch):
+    from worker.artifact import read_manifest
+
+    manifest = read_manifest(fast_colour_artifact)
+    entry = select(manifest.runtimes, "tf")
+    x, _ = colour_data(4)  # 12 photos
+    outputs = {}
+    for micro in ("5", "64"):
+        monkeypatch.setenv("DOGBREEDS_TF_MICRO_BATCH", micro)
+        predict = runtimes.load(fast_colour_artifact, entry, input_size=manifest.input_size, num_classes=3)
+        assert predict._inner.micro_batch == int(micro)
+        outputs[micro] = predict(x.astype(np.float32))
+    assert outputs["5"].shape == (12, 3)
+    np.testing.assert_allclose(outputs["5"], outputs["64"], rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("DOGBREEDS_TF_MICRO_BATCH")
+    assert runtimes.tf_micro_batch() == 4
+
+
 def test_cli_predict_runtime_option(fast_colour_artifact, tmp_path):
     from click.testing import CliRunner
 
