@@ -20,7 +20,7 @@ import keras_tuner as kt
 from keras import layers
 
 from trainer import preprocessing
-from trainer.pooling import global_pooling
+from trainer.pooling import POOLINGS, global_pooling
 
 ACTIVATIONS = ["relu", "tanh"]
 
@@ -77,7 +77,7 @@ def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
     """Pooling (feature maps only: pooled features arrive as vectors), dropout, an optional
     hidden layer, softmax: the transfer head."""
     if len(x.shape) == 4:
-        pooling = hp.Choice("pooling", ["gem", "avg", "avgmax", "flatten"], default="gem")
+        pooling = hp.Choice("pooling", [*POOLINGS, "flatten"], default="gem")
         x = layers.Flatten(name="flatten")(x) if pooling == "flatten" else global_pooling(pooling)(x)
     # Backbone activations are large and uneven (VGG16's reach hundreds): normalise them.
     x = layers.BatchNormalization(name="feature_norm")(x)
