@@ -8,8 +8,16 @@ and preprocessing choice, with wall time.
   check at low resolution, not an accuracy claim).
 
 Backbone features are cached (``--cache-dir``), so a second run only retrains the heads.
+
+With ``--fast-runtimes``, each trained model of the 11 breeds is also published as
+``dogbreeds-train publish`` does it (SavedModel + OpenVINO int8 and bf16 variants, int8
+calibrated on the training photos), and each fast variant is measured against the fp32
+SavedModel on the official test split: top-1 agreement, fp32 top-1 and its own top-1 (the int8
+entry is the int8 -> bf16 cascade the worker serves; its plain int8 agreement is shown too).
+
 Prints a table; ``--json`` prints one JSON list of rows
-``{"model", "backbone", "weights", "preprocessing", "dataset", "top1", "top5", "seconds"}``.
+``{"model", "backbone", "weights", "preprocessing", "dataset", "top1", "top5", "seconds"}``
+(plus ``"fast_runtimes"`` with ``--fast-runtimes``).
 """
 
 from __future__ import annotations
@@ -95,12 +103,36 @@ def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, a
         tune_seconds = tuned["seconds"]
     run = fit_run(config, run_dir, prepared=prepared, verbose=0)
     test = run["metrics"]["test"]
+    fast = fast_runtime_rows(run_dir) if args.fast_runtimes and key == "subset" and not scratch else None
     return {"model": family, "backbone": run["backbone"] if not scratch else "vgg16 (from scratch)",
             "weights": run["weights"].get("kind"), "preprocessing": preprocessing, "dataset": ds["name"],
             "image_size": size, "image_fit": config.image_fit, "augment_copies": copies, "photos_test": test["photos"],
             "top1": test["top1"], "top5": test["top5"], "seconds": round(time.perf_counter() - started, 1),
             "seconds_detail": {**run["seconds"], "tune": tune_seconds}, "hyperparameters": run["hyperparameters"],
-            "variant": variant or "defaults", "run_dir": str(run_dir)}
+            "variant": variant or "defaults", "run_dir": str(run_dir), "fast_runtimes": fast}
+
+
+def fast_runtime_rows(run_dir: Path) -> dict:
+    """Publish the run (to a scratch folder) with its OpenVINO variants measured on the official
+    test split; the manifest's agreement of each variant, and the time it took."""
+    import tempfile
+
+    from trainer.publish import build_artifact
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+        manifest = build_artifact(run_dir, Path(tmp) / "artifact", "accuracy-bench", heldout_parts=("test",))
+    out = {}
+    for key, entry in manifest.runtimes.items():
+        if key == "tf":
+            continue
+        agreement = entry.get("agreement", {})
+        out[key] = {k: agreement.get(k) for k in ("photos", "photos_split", "top1_agreement", "fp32_top1", "top1", "passed")}
+        if "int8_only_agreement" in entry:
+            out[key]["int8_only_top1_agreement"] = entry["int8_only_agreement"].get("top1_agreement")
+            out[key]["fallback_rate"] = entry.get("fallback", {}).get("heldout_fallback_rate")
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
 
 
 def main() -> None:
@@ -114,6 +146,9 @@ def main() -> None:
     parser.add_argument("--datasets", default="subset,subset3,64px", help="Which datasets: subset, subset3, 64px.")
     parser.add_argument("--scratch-epochs", type=int, default=12, help="Epoch cap for from-scratch VGG16.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast-runtimes", action="store_true",
+                        help="Also publish each 11-breed model with its OpenVINO int8/bf16 variants and report their "
+                             "top-1 agreement with fp32 and their top-1 on the official test split.")
     parser.add_argument("--out", help="Also write the JSON rows to this file (updated after every row).")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
@@ -144,6 +179,16 @@ def main() -> None:
         print(f"{r['model']:<28} {hp:<8} {r['backbone']:<20} {r['weights']:<18} {r['preprocessing']:<13} "
               f"{data:<8} {r['image_size']:>4} {r['image_fit']:<6} {r['augment_copies']:>3} {r['top1']:>7.1%} "
               f"{r['top5']:>7.1%} {r['seconds']:>8.0f}")
+    fast = [(r, key, v) for r in rows for key, v in (r.get("fast_runtimes") or {}).items() if key != "seconds"]
+    if fast:
+        print(f"\nfast runtimes vs fp32 on the official test split\n{'model':<28} {'size':>4} {'runtime':<14} "
+              f"{'photos':>6} {'agreement':>9} {'int8 only':>9} {'re-run':>6} {'fp32 top-1':>10} {'top-1':>7}")
+        for r, key, v in fast:
+            only = v.get("int8_only_top1_agreement")
+            rerun = v.get("fallback_rate")
+            print(f"{r['model']:<28} {r['image_size']:>4} {key:<14} {v['photos']:>6} {v['top1_agreement']:>9.2%} "
+                  f"{format(only, '.2%') if only is not None else '-':>9} {format(rerun, '.1%') if rerun is not None else '-':>6} "
+                  f"{v['fp32_top1']:>10.2%} {v['top1']:>7.2%}")
 
 
 if __name__ == "__main__":

@@ -131,13 +131,15 @@ def colour_data(n_per_class: int, seed0: int = 0):
 
 @pytest.fixture(scope="session")
 def fast_colour_artifact(tmp_path_factory) -> Path:
-    """A tiny conv net (VGG preprocessing layer, two convolutions, dense head) trained on the
-    colour 'breeds', published with its OpenVINO int8 and bf16 variants as publish does it."""
+    """A tiny conv net (VGG preprocessing layer, two convolutions, GeM pooling as the VGG16
+    transfer model has, dense head) trained on the colour 'breeds', published with its OpenVINO
+    int8 and bf16 variants as publish does it."""
     pytest.importorskip("openvino")  # the train / worker-lite extras
     pytest.importorskip("nncf")  # the train extra (int8 quantisation at publish time)
     import keras
 
     from trainer import fast_runtimes
+    from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
     from worker import artifact
 
@@ -149,7 +151,7 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
         keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
         keras.layers.MaxPooling2D(2),
         keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
+        global_pooling("gem"),
         keras.layers.Dense(16, activation="relu"),
         keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax"),
     ])

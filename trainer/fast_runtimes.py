@@ -8,18 +8,20 @@ is slower than fp32. So the artifact carries:
 
 - ``model-openvino-int8/model.xml|bin``: the SavedModel converted by ``openvino.convert_model``,
   then post-training quantised by NNCF: int8 weights (symmetric, per output channel) and
-  activations (per tensor), calibrated on the run's *training* photos; the dense head (MatMul
-  layers) stays in float. Measured on VGG16 + the demo head (858 Stanford test photos), keeping the
-  first convolution in float too, NNCF's MIXED preset, histogram ranges, full bias correction or
-  SmoothQuant on convolutions all landed in the same 98.2-99.0% top-1 agreement band (the noise
-  is spread over all 13 convolutions), so the plain configuration is kept.
+  activations (per tensor) in every convolution, calibrated on the run's *training* photos;
+  everything after the last convolution stays in float: the dense head, and the global pooling.
+  That last part matters: the VGG16 transfer model pools block5_conv3 with GeM
+  (``mean(x**3)**(1/3)``), and NNCF by default puts a per-tensor int8 grid on the cubed
+  activations, which zeroes most of them. Measured on the benchmark model (VGG16 + GeM + the
+  demo head, 858 Stanford test photos, fp32 top-1 90.68%): quantising the pooling gave 90.1%
+  top-1 agreement with fp32 (85 flipped photos, top-1 86.6%); keeping it in float 99.5% (4
+  flipped, top-1 90.3%), at the same speed (28.4 vs 28.8 images/s at batch 16, 2 cores).
 - ``model-openvino-bf16/model.xml|bin``: the same conversion, weights stored as fp16, run with
   ``INFERENCE_PRECISION_HINT=bf16`` (the CPU's AVX512-BF16 instructions; f32 where absent).
 - the ``openvino-int8`` entry is a cascade: int8 for every photo, and bf16 again for the few
   photos whose int8 top-2 margin is too small to trust (below the 99th percentile of how much
-  int8 moves the fp32 margin, measured on the calibration photos). Plain int8 agreed with fp32
-  on 98.7% of the 858 Stanford test photos (VGG16 + the demo head); the cascade on 99.4%, for
-  ~4-7% of photos run twice.
+  int8 moves the fp32 margin, measured on the calibration photos). With the pooling in float the
+  threshold is small (0.025 on the benchmark model) and ~2% of photos run twice.
 
 Each variant's top-1 agreement with the fp32 SavedModel is measured here, on the run's held-out
 photos (validation + test split: never used to fit weights), through the same loader the worker
@@ -48,6 +50,8 @@ VARIANTS = ("int8", "bf16")
 MAX_CALIBRATION = 300  # NNCF's default subset size
 FALLBACK_QUANTILE = 0.99
 BATCH = 16
+KEPT_IN_FLOAT = {"head": "global pooling and dense head (every op after the last convolution)",
+                 "first_conv": "first convolution"}
 
 
 def available() -> bool:
@@ -77,16 +81,32 @@ def first_convolution(model) -> str | None:
     return next((op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"), None)
 
 
+def after_last_convolution(model) -> list[str]:
+    """Names of the computing ops after the model's last convolution (in topological order):
+    the global pooling and the dense head."""
+    ops = list(model.get_ordered_ops())
+    convs = [i for i, op in enumerate(ops) if op.get_type_name() == "Convolution"]
+    if not convs:
+        return []
+    return [op.get_friendly_name() for op in ops[convs[-1] + 1:]
+            if op.get_type_name() not in ("Constant", "Parameter", "Result")]
+
+
 def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] = ("head",)):
     """NNCF post-training int8 quantisation of an OpenVINO model (not saved). ``keep_float``:
-    "head" keeps the dense layers (MatMul) in float, "first_conv" the first convolution."""
+    "head" keeps every op after the last convolution in float (the global pooling -- GeM cubes
+    its inputs, which per-tensor int8 cannot represent -- and the dense head), "first_conv" the
+    first convolution too."""
     import nncf
 
     names = []
     if "first_conv" in keep_float:
         first = first_convolution(model)
         names += [first] if first else []
-    types = ["MatMul"] if "head" in keep_float else []
+    types = []
+    if "head" in keep_float:
+        names += after_last_convolution(model)
+        types = ["MatMul"]
     scope = nncf.IgnoredScope(names=names, types=types, validate=False) if names or types else None
     dataset = nncf.Dataset(list(calibration), lambda image: image[None].astype(np.float32))
     kwargs = {"ignored_scope": scope} if scope else {}
@@ -109,7 +129,8 @@ def fallback_margin(reference: np.ndarray, probs: np.ndarray, quantile: float = 
 def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration: np.ndarray, heldout: np.ndarray,
                             heldout_labels: np.ndarray | None = None, reference: np.ndarray | None = None,
                             variants: Sequence[str] = VARIANTS, threads: int | None = None,
-                            keep_float: Sequence[str] = ("head",), int8_fallback: bool = True) -> tuple[dict[str, Path], dict]:
+                            keep_float: Sequence[str] = ("head",), int8_fallback: bool = True,
+                            heldout_split: str = "val+test") -> tuple[dict[str, Path], dict]:
     """Convert ``saved_model_dir`` (the artifact's SavedModel) to OpenVINO variants under
     ``out_dir``; measure each against ``reference`` (fp32 probabilities of ``heldout``; computed
     with the SavedModel when None). Returns (artifact-relative path -> file, manifest runtimes
@@ -152,7 +173,7 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
                 "tool": "nncf post-training quantisation", "preset": "performance",
                 "weights": "int8 symmetric, per output channel", "activations": "int8 per tensor",
                 "calibration_photos": int(len(calibration)), "calibration_split": "train",
-                "kept_in_float": [{"head": "dense head (MatMul)", "first_conv": "first convolution"}[k]
+                "kept_in_float": [KEPT_IN_FLOAT[k]
                                   for k in keep_float],
             }
         elif precision in ("bf16", "fp32"):
@@ -188,7 +209,7 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
             spec["int8_only_agreement"] = {k: plain[k] for k in ("photos", "top1_agreement", "passed") if k in plain}
         seconds = time.perf_counter() - started
         measured = agreement(reference, probs, heldout_labels)
-        measured["photos_split"] = "val+test"
+        measured["photos_split"] = heldout_split
         entries[key] = {**spec, "agreement": measured,
                         "publish_seconds": {"build": round(build_s, 1), "agreement": round(seconds, 1)}}
         log.info("%s: top-1 agreement %.2f%% on %d photos (%s)", key, 100 * measured["top1_agreement"],

@@ -108,10 +108,11 @@ def _run_photos(run_dir: Path, run: dict, parts: tuple[str, ...], size: int) -> 
     return loaded.pixels, loaded.labels
 
 
-def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_dir: Path) -> tuple[dict, dict]:
+def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_dir: Path,
+                          heldout_parts: tuple[str, ...] = ("val", "test")) -> tuple[dict, dict]:
     """OpenVINO int8/bf16 variants (trainer.fast_runtimes) of the exported SavedModel: int8
     calibrated on the run's training photos; agreement with fp32 measured on its validation +
-    test photos. Returns (extra files, manifest runtimes entries); ({}, {}) when OpenVINO is
+    test photos (``heldout_parts``). Returns (extra files, manifest runtimes entries); ({}, {}) when OpenVINO is
     not installed or the conversion fails (the artifact then serves with TensorFlow only)."""
     from trainer import fast_runtimes
 
@@ -121,21 +122,23 @@ def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_
     size = int(run["config"]["image_size"])
     try:
         calibration, _ = _run_photos(run_dir, run, ("train",), size)
-        heldout, labels = _run_photos(run_dir, run, ("val", "test"), size)
+        heldout, labels = _run_photos(run_dir, run, tuple(heldout_parts), size)
         if len(heldout) == 0:
             log.warning("no held-out photos to measure agreement on: publishing the TensorFlow model only")
             return {}, {}
         return fast_runtimes.build_openvino_variants(saved_model_dir, work_dir, calibration=calibration,
-                                                     heldout=heldout, heldout_labels=labels)
+                                                     heldout=heldout, heldout_labels=labels,
+                                                     heldout_split="+".join(heldout_parts))
     except Exception:  # noqa: BLE001 - a faster variant is optional; the SavedModel always ships
         log.exception("building the OpenVINO variants failed: publishing the TensorFlow model only")
         return {}, {}
 
 
 def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = None,
-                   fast_runtimes: bool = True) -> artifact.ArtifactManifest:
+                   fast_runtimes: bool = True, heldout_parts: tuple[str, ...] = ("val", "test")) -> artifact.ArtifactManifest:
     """Write the artifact of ``run_dir`` into the directory ``dest``: the SavedModel (runtime
-    ``tf``) and, with ``fast_runtimes``, OpenVINO int8/bf16 variants beside it."""
+    ``tf``) and, with ``fast_runtimes``, OpenVINO int8/bf16 variants beside it (their agreement
+    with fp32 measured on the ``heldout_parts`` of the run's split)."""
     run_dir = Path(run_dir)
     model, run = inference_model(run_dir)
     labels = [artifact.Label.from_folder(i, folder) for i, folder in enumerate(run["classes"])]
@@ -164,7 +167,7 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
         artifact.export_saved_model(model, saved)
         runtimes = {"tf": {"path": artifact.MODEL_DIR, "precision": "fp32"}}
         if fast_runtimes:
-            files, entries = fast_runtime_variants(run_dir, run, saved, Path(tmp) / "variants")
+            files, entries = fast_runtime_variants(run_dir, run, saved, Path(tmp) / "variants", heldout_parts)
             extra.update(files)
             runtimes.update(entries)
         fields["runtimes"] = runtimes

@@ -1,0 +1,141 @@
+"""Quantisation benchmark: which parts of a model int8 may touch, measured on real test photos.
+
+For one published artifact (``--model``; by default the one benchmarks/throughput.py trains and
+publishes under ``--work``), re-runs publish's int8 quantisation
+(:func:`trainer.fast_runtimes.quantize_int8`: NNCF post-training, calibrated on the artifact's
+own training photos) once per ``--keep-float`` setting, and reports for each:
+
+- top-1 agreement of the plain int8 model with the fp32 SavedModel (TensorFlow) on the real
+  test photos (the same photos as benchmarks/throughput.py: held-out sample photos plus the
+  official test photos of the model's breeds from ../shared/data/stanford-dogs-subset), and
+  both top-1 accuracies;
+- the int8 -> bf16 cascade the worker serves (``worker.runtimes.with_fallback``, threshold from
+  :func:`trainer.fast_runtimes.fallback_margin` on the calibration photos): its agreement and
+  the share of photos it runs twice;
+- images/s of the plain int8 model at batch 16 (the worker's loader, all cores) and how long
+  quantisation took.
+
+``--keep-float`` values: ``none`` (NNCF's defaults: every op it can quantise, the GeM pooling
+included), ``head`` (what publish does: every op after the last convolution stays float),
+``head,first_conv``. Prints a table; ``--json`` prints one JSON list of rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import throughput  # noqa: E402  (sibling benchmark: photos, default model, logging)
+
+BATCH = 16
+
+
+def _predict_all(predict, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([predict(x[i:i + BATCH].astype(np.float32)) for i in range(0, len(x), BATCH)])
+
+
+def _timed(predict, x: np.ndarray) -> tuple[np.ndarray, float]:
+    predict(x[:BATCH].astype(np.float32))  # warm-up (first-call allocations)
+    started = time.perf_counter()
+    probs = _predict_all(predict, x)
+    return probs, len(x) / (time.perf_counter() - started)
+
+
+def calibration_photos(path: Path, manifest, size, fit) -> np.ndarray:
+    """The artifact's own training photos (split.json ``train`` under the run's data folder)."""
+    data = Path((manifest.training or {}).get("data", ""))
+    split = json.loads((path / "split.json").read_text())
+    photos = [data / relative for relative in split.get("train", [])]
+    missing = [p for p in photos if not p.is_file()]
+    if not photos or missing:
+        sys.exit(f"the artifact's training photos are not readable under {data} ({len(missing)} missing)")
+    return throughput.decode(photos, size, fit)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Artifact (folder or registry <root>/<name>). Default: the throughput "
+                                        "benchmark's model under --work (trained and published when missing).")
+    parser.add_argument("--work", default=str(ROOT / ".cache" / "throughput"), help="Working folder.")
+    parser.add_argument("--keep-float", nargs="+", default=["none", "head", "head,first_conv"],
+                        help="Settings to compare (none | head | head,first_conv).")
+    parser.add_argument("--json", action="store_true", help="Print one JSON list of rows instead of a table.")
+    args = parser.parse_args()
+
+    import openvino as ov
+
+    from trainer import fast_runtimes
+    from worker import runtimes
+    from worker.artifact import read_labels, read_manifest, resolve_artifact
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    path = resolve_artifact(args.model or throughput.default_model(work))
+    manifest = read_manifest(path)
+    size, fit = tuple(manifest.input_size), manifest.input_fit
+    tests = throughput.test_photos([label.folder for label in read_labels(path)])
+    labels = np.array([label for _, label in tests])
+    throughput.log(f"{len(tests)} test photos, load average {throughput.loadavg()}")
+    x = throughput.decode([p for p, _ in tests], size, fit)
+    calibration = calibration_photos(path, manifest, size, fit)[:fast_runtimes.MAX_CALIBRATION]
+    num_classes = manifest.num_classes
+
+    def load(entry):
+        return runtimes.load(path, entry, input_size=size, num_classes=num_classes)
+
+    tf_predict = load(runtimes.RuntimeEntry("tf", "tf", "model", "fp32"))
+    reference, tf_img_s = _timed(tf_predict, x)
+    reference_cal = _predict_all(tf_predict, calibration)
+    bf16 = runtimes.load_openvino_model(path / "model-openvino-bf16" / "model.xml", "bf16")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        tmp = Path(scratch)
+        for setting in args.keep_float:
+            keep = () if setting == "none" else tuple(setting.split(","))
+            throughput.log(f"quantising with keep_float={keep or '()'}")
+            started = time.perf_counter()
+            quantized = fast_runtimes.quantize_int8(ov.convert_model(str(path / "model")), calibration, keep_float=keep)
+            quantize_s = time.perf_counter() - started
+            xml = tmp / setting.replace(",", "+") / "model.xml"
+            ov.save_model(quantized, str(xml), compress_to_fp16=False)
+            int8 = runtimes.load_openvino_model(xml, "int8")
+            probs, img_s = _timed(int8, x)
+            margin = fast_runtimes.fallback_margin(reference_cal, _predict_all(int8, calibration))
+            cascade = runtimes.with_fallback(int8, bf16, margin)
+            cascaded = _predict_all(cascade, x)
+            plain = fast_runtimes.agreement(reference, probs, labels)
+            rows.append({"keep_float": setting, "photos": plain["photos"], "top1_agreement": plain["top1_agreement"],
+                         "fp32_top1": plain["fp32_top1"], "top1": plain["top1"],
+                         "flipped": int((probs.argmax(1) != reference.argmax(1)).sum()),
+                         "cascade_top1_agreement": fast_runtimes.agreement(reference, cascaded)["top1_agreement"],
+                         "cascade_top1": round(float((cascaded.argmax(1) == labels).mean()), 4),
+                         "fallback_margin": margin, "fallback_rate": round(cascade.fallbacks / max(1, cascade.calls), 4),
+                         "int8_img_s": round(img_s, 2), "tf_fp32_img_s": round(tf_img_s, 2),
+                         "quantize_s": round(quantize_s, 1), "calibration_photos": int(len(calibration)),
+                         "loadavg": throughput.loadavg()})
+            throughput.log(f"  {rows[-1]}")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"model: {path} ({manifest.name} {manifest.version}); {len(tests)} test photos; "
+          f"TF fp32 {tf_img_s:.2f} images/s at batch {BATCH}")
+    print(f"{'keep in float':<16} {'agreement':>9} {'flipped':>7} {'fp32 top-1':>10} {'int8 top-1':>10} "
+          f"{'cascade agr.':>12} {'re-run':>7} {'int8 img/s':>10} {'quantise s':>10}")
+    for r in rows:
+        print(f"{r['keep_float']:<16} {r['top1_agreement']:>9.2%} {r['flipped']:>7} {r['fp32_top1']:>10.2%} "
+              f"{r['top1']:>10.2%} {r['cascade_top1_agreement']:>12.2%} {r['fallback_rate']:>7.1%} "
+              f"{r['int8_img_s']:>10.2f} {r['quantize_s']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
