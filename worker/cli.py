@@ -158,10 +158,14 @@ def worker_options(command):
               help="Seconds before a failed message is visible again (it reaches the DLQ after maxReceiveCount).")
 @click.option("--max-messages", type=int, help="Stop after this many messages (batch runs).")
 @click.option("--until-empty", is_flag=True, help="Stop when a receive finds the queue empty.")
+@click.option("--pipeline/--no-pipeline", "pipelined", default=True, show_default=True,
+              help="Receive the next batch and write the previous batch's manifests while classifying.")
 def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, queue_url, wait_seconds,
-        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty):
+        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
-    out. SIGTERM/SIGINT finish the current batch, then stop. Logs are JSON lines; metrics
+    out. While one batch is classified the next is received and the previous one's manifests
+    are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
+    current batch, hand back the one received ahead, then stop. Logs are JSON lines; metrics
     are CloudWatch EMF lines."""
     from worker.jobs import OutputSettings
     from worker.poller import Poller, PollerSettings
@@ -171,7 +175,7 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     poller = Poller(client("sqs"), pipeline, OutputSettings(output_bucket, output_prefix, jsonl),
                     PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
                                    heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
-                                   until_empty=until_empty))
+                                   until_empty=until_empty, pipelined=pipelined))
     poller.install_signal_handlers()
     try:
         summary = poller.run()

@@ -2,6 +2,8 @@
 in one pipeline pass (micro-batches cross message boundaries, so one-photo S3 event messages
 still infer in full batches), then write one manifest per job.
 
+Two steps, :func:`classify_messages` then :func:`write_manifests` (the poller writes one batch's
+manifests while it classifies the next); :func:`process_messages` runs both.
 Shared by the poller and the Lambda handler. A message counts as done only once its manifest
 is written; a message that failed is reported with its reason and left for the queue to
 redeliver (and, after maxReceiveCount, to move to the DLQ).
@@ -61,7 +63,19 @@ class BatchOutcome:
         return [o.message_id for o in self.outcomes if o.ok]
 
 
-def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
+@dataclass
+class ClassifiedBatch:
+    """A batch of messages after classification, before its manifests are written."""
+    messages: list[QueuedMessage]
+    jobs: dict[str, Job]  # message id -> job (messages that parsed into one)
+    items_of: dict[str, list]  # message id -> its photos' results
+    outcomes: dict[str, MessageOutcome]  # messages already settled (ignored, malformed, failed)
+    images: int
+    started: float  # perf_counter at the start of classification
+
+
+def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> ClassifiedBatch:
+    """Parse the messages and classify the photos of every job in one pipeline pass."""
     started = time.perf_counter()
     outcomes: dict[str, MessageOutcome] = {}
     jobs: dict[str, Job] = {}
@@ -103,21 +117,32 @@ def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: 
             except Exception as error:  # noqa: BLE001 - retry the message later
                 log.exception("classification failed", extra={"message_id": message_id})
                 outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"classify: {error}")
+    return ClassifiedBatch(list(messages), jobs, items_of, outcomes, len(refs), started)
+
+
+def write_manifests(batch: ClassifiedBatch, pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
+    """One manifest per classified job, written concurrently; the outcome of every message."""
+    outcomes = dict(batch.outcomes)
 
     def write(message_id: str) -> MessageOutcome:
-        job = jobs[message_id]
+        job = batch.jobs[message_id]
         try:
-            return _write(job, items_of[message_id], message_id, pipeline, output)
+            return _write(job, batch.items_of[message_id], message_id, pipeline, output)
         except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
             log.exception("manifest write failed", extra={"message_id": message_id})
             return MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
 
     # One PUT per message: written concurrently, so ten small jobs cost one round trip, not ten.
-    with ThreadPoolExecutor(max(1, min(MANIFEST_WRITERS, len(items_of))), thread_name_prefix="manifest") as writers:
-        for message_id, outcome in zip(items_of, writers.map(write, items_of)):
+    with ThreadPoolExecutor(max(1, min(MANIFEST_WRITERS, len(batch.items_of))), thread_name_prefix="manifest") as writers:
+        for message_id, outcome in zip(batch.items_of, writers.map(write, batch.items_of)):
             outcomes[message_id] = outcome
-    ordered = [outcomes[m.message_id] for m in messages]
-    return BatchOutcome(ordered, len(refs), time.perf_counter() - started)
+    ordered = [outcomes[m.message_id] for m in batch.messages]
+    return BatchOutcome(ordered, batch.images, time.perf_counter() - batch.started)
+
+
+def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
+    """Classify the messages' photos, then write their manifests."""
+    return write_manifests(classify_messages(messages, pipeline, output), pipeline, output)
 
 
 def _write(job: Job, items, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
