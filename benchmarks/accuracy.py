@@ -77,6 +77,11 @@ def dataset_config(key: str, data_root: Path) -> dict:
             "name": "stanford-dogs-64px, 120 breeds, official split"}
 
 
+def row_name(family: str, preprocessing: str, size: int, copies: int, key: str, variant: str = "") -> str:
+    """A row's name (and its run folder's): e.g. subset-vgg16_transfer-vgg-224-c1."""
+    return f"{key}-{family}-{preprocessing.replace('+', '_')}-{size}-c{copies}{variant}"
+
+
 def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, args, variant: str = "") -> dict:
     """One configuration: fit with default hyper-parameters, or (variant "tuned") first a
     20-trial Keras Tuner random search on the validation split, then fit with the best."""
@@ -91,7 +96,7 @@ def run_row(family: str, preprocessing: str, size: int, copies: int, key: str, a
                        augment_copies=copies, epochs=args.scratch_epochs if scratch else 80,
                        patience=3 if scratch else 8, fine_tune_epochs=10, batch_size=32 if scratch else 64,
                        cache_dir=args.cache_dir, seed=args.seed, progress=not args.json)
-    run_dir = Path(args.runs) / f"{key}-{family}-{preprocessing.replace('+', '_')}-{size}-c{copies}{variant}"
+    run_dir = Path(args.runs) / row_name(family, preprocessing, size, copies, key, variant)
     started = time.perf_counter()
     prepared = prepare(config)
     tune_seconds = None
@@ -143,6 +148,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "features"), help="Feature cache.")
     parser.add_argument("--runs", default=str(ROOT / ".cache" / "bench-runs"), help="Where run folders go.")
     parser.add_argument("--only", help="Comma-separated model families to run (default: all of the plan).")
+    parser.add_argument("--rows", help="Comma-separated row names to run, e.g. subset-vgg16_transfer-vgg-224-c1 "
+                                       "(dataset-family-preprocessing-size-c<copies>[variant]).")
     parser.add_argument("--datasets", default="subset,subset3,64px", help="Which datasets: subset, subset3, 64px.")
     parser.add_argument("--scratch-epochs", type=int, default=12, help="Epoch cap for from-scratch VGG16.")
     parser.add_argument("--seed", type=int, default=0)
@@ -156,6 +163,12 @@ def main() -> None:
         plan = [row for row in plan if row[0] in args.only.split(",")]
     plan = [row for row in plan if row[4] in args.datasets.split(",")]
     plan = [row if len(row) == 6 else (*row, "") for row in plan]
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        unknown = wanted - {row_name(*row[:5], row[5]) for row in plan}
+        if unknown:
+            sys.exit(f"no such row in the plan: {', '.join(sorted(unknown))}")
+        plan = [row for row in plan if row_name(*row[:5], row[5]) in wanted]
     if not (Path(args.data_root) / "stanford-dogs-subset").is_dir():
         sys.exit(f"shared datasets not found under {args.data_root} (use --data-root)")
     rows = []

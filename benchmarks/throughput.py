@@ -269,7 +269,7 @@ def _child(args: list[str], env: dict | None = None, timeout: float = 1800) -> d
 
 
 def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path], mode: str, job_size: int,
-               run_id: str) -> dict:
+               run_id: str, worker_args: list[str] = ()) -> dict:
     import boto3
 
     from infra.local_stack import create_stack
@@ -302,7 +302,7 @@ def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path],
             raise RuntimeError(f"only {attributes['Attributes']} of {expected_messages} messages reached the queue")
         time.sleep(0.2)
     argv = ["run", "--model", model, "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "1",
-            "--batch-size", str(batch), "--runtime", runtime, "--output-prefix", "manifests"]
+            "--batch-size", str(batch), "--runtime", runtime, "--output-prefix", "manifests", *worker_args]
     moto_cpu = _cpu_seconds(server.process.pid)
     result = _child(["--_worker", *argv], env={**server.environment(), "DOGBREEDS_RUNTIME": runtime})
     moto_cpu = _cpu_seconds(server.process.pid) - moto_cpu
@@ -342,6 +342,8 @@ def main() -> None:
                         help="Queue messages: one S3 event per photo (as make demo), job messages, or both.")
     parser.add_argument("--job-size", type=int, default=16, help="Keys per job message (--mode jobs).")
     parser.add_argument("--no-e2e", action="store_true", help="Skip the end-to-end runs.")
+    parser.add_argument("--worker-args", default="", help="Extra `dogbreeds-worker run` options for the end-to-end "
+                                                          "runs, e.g. --worker-args=--no-pipeline.")
     parser.add_argument("--no-agreement", action="store_true", help="Skip the agreement rows.")
     parser.add_argument("--json", action="store_true", help="Print one JSON list of rows instead of a table.")
     parser.add_argument("--_bare", action="store_true", help=argparse.SUPPRESS)
@@ -405,7 +407,7 @@ def main() -> None:
                         run_id = f"{key}-{batch}-{mode}".replace("_", "-").lower()
                         log(f"end to end: {key}, batch {batch}, {mode} ({len(photos)} photos), load {loadavg()}")
                         e2e[(key, batch, mode)] = end_to_end(server, str(path), key, batch, photos, mode,
-                                                             args.job_size, run_id)
+                                                             args.job_size, run_id, args.worker_args.split())
                         log(f"  {e2e[(key, batch, mode)]}")
 
     rows = []

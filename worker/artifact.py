@@ -306,7 +306,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _install_dir(tmp: Path, final: Path) -> None:
+def _install_dir(tmp: Path, final: Path, only: set[str] | None = None) -> None:
     """Move a finished directory into place, replacing whatever is there."""
     final.parent.mkdir(parents=True, exist_ok=True)
     trash = None
@@ -321,7 +321,7 @@ def _install_dir(tmp: Path, final: Path) -> None:
     except OSError:
         # Somebody else installed the same version concurrently: keep theirs if good.
         try:
-            verify_artifact(final)
+            verify_artifact(final, only=only)
         except ArtifactError:
             raise
         finally:
@@ -516,10 +516,11 @@ def _check_keras_model(model, *, num_classes: int, input_size) -> None:
         raise ArtifactError(f"write_artifact: model input is {list(in_shape[1:3])} but input_size is {list(input_size)}")
 
 
-def verify_artifact(path: Path) -> ArtifactManifest:
+def verify_artifact(path: Path, *, only: set[str] | None = None) -> ArtifactManifest:
     """Check an artifact directory against its manifest; returns the manifest.
 
-    Every file listed in ``manifest.files`` must exist with the listed sha256; ``labels.json``,
+    Every file listed in ``manifest.files`` (or, with ``only``, every one of those files: a
+    partial download holding one runtime's model) must exist with the listed sha256; ``labels.json``,
     ``README.md`` and ``model/saved_model.pb`` must be listed; no unlisted file may be inside
     ``model/``; labels.json must have ``num_classes`` entries indexed 0..n-1. All findings are
     reported together in one :class:`ArtifactError`.
@@ -553,6 +554,8 @@ def verify_artifact(path: Path) -> ArtifactManifest:
                 problems.append(f"manifest.json runtimes: {key!r} path {rel!r} is not listed in files")
 
     for rel, expected in sorted(manifest.files.items()):
+        if only is not None and rel not in only:
+            continue
         p = path / rel
         if p.is_symlink() or (p.exists() and not p.is_file()):
             problems.append(f"{rel}: not a regular file")
@@ -564,7 +567,9 @@ def verify_artifact(path: Path) -> ArtifactManifest:
                 problems.append(f"{rel}: sha256 mismatch (expected {expected}, actual {actual})")
 
     model_root = path / MODEL_DIR
-    if model_root.is_symlink():
+    if only is not None and not any(rel.startswith(MODEL_DIR + "/") for rel in only) and not model_root.exists():
+        pass  # a partial download without the SavedModel
+    elif model_root.is_symlink():
         problems.append(f"{MODEL_DIR}: is a symlink")
     elif model_root.is_dir():
         files, odd = _list_files(model_root)
@@ -692,7 +697,10 @@ def _cache_root(cache_dir: Path | None) -> Path:
     return Path.home() / ".cache" / "dogbreeds" / "artifacts"
 
 
-def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None) -> Path:
+Needed = Callable[[ArtifactManifest], set]  # manifest -> the files a caller will read
+
+
+def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, needed: Needed | None = None) -> Path:
     """Turn an artifact reference into a verified local artifact directory.
 
     Local: an artifact dir; a registry dir ``root/<name>`` (follows ``latest``); or
@@ -703,9 +711,14 @@ def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None) -> Pat
     a cached copy that verifies is reused (a pinned version then needs no S3 call at all),
     anything else is downloaded afresh. The returned directory has always passed
     :func:`verify_artifact`.
+
+    ``needed(manifest)`` (S3 only) names the files the caller will read, e.g. one runtime's
+    model (see :func:`load_artifact`): only those and ``labels.json`` are downloaded and
+    verified, and a later call needing more files adds them to the same cached copy, each
+    checked against its sha256 before it is moved into place.
     """
     if is_s3_uri(uri):
-        return _resolve_s3(uri, s3=s3, cache_dir=cache_dir)
+        return _resolve_s3(uri, s3=s3, cache_dir=cache_dir, needed=needed)
     text = str(uri)
     if text.startswith("file://"):
         text = text[len("file://"):]
@@ -724,7 +737,32 @@ def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None) -> Pat
     return target.resolve()
 
 
-def _resolve_s3(uri: str, *, s3, cache_dir: Path | None) -> Path:
+def _wanted_files(manifest: ArtifactManifest, needed: Needed | None) -> set[str] | None:
+    """The files to download and verify: None (all of them), or ``needed``'s and labels.json."""
+    if needed is None:
+        return None
+    return {rel for rel in set(needed(manifest)) | {LABELS_FILE} if rel in manifest.files}
+
+
+def _download_into(s3, bucket: str, vkey: str, manifest: ArtifactManifest, rels, dest: Path) -> None:
+    """Add files to a cached artifact: each downloaded beside its place, checked against its
+    sha256, then renamed into place (a reader never sees a partial or wrong file)."""
+    for rel in sorted(rels):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex}")
+        try:
+            s3.download_file(bucket, f"{vkey}/{rel}", str(part))
+            actual = sha256_file(part)
+            if actual != manifest.files[rel]:
+                raise ArtifactError(f"s3://{bucket}/{vkey}/{rel}: sha256 mismatch (expected {manifest.files[rel]}, "
+                                    f"actual {actual})")
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None = None) -> Path:
     u = S3Uri.parse(uri)
     key = u.key.strip("/")
     _check_key_segments(key, uri)
@@ -735,7 +773,7 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None) -> Path:
         cached = bucket_root / key
         if (cached / MANIFEST_FILE).is_file():
             try:
-                m = verify_artifact(cached)
+                m = verify_artifact(cached, only=_wanted_files(read_manifest(cached), needed))
             except ArtifactError:
                 pass
             else:
@@ -780,22 +818,29 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None) -> Path:
             raise ArtifactError(f"s3://{u.bucket}/{vkey}/{MANIFEST_FILE}: {why or 'lists itself'}")
 
     local = bucket_root / vkey
+    wanted = _wanted_files(manifest, needed)
     if (local / MANIFEST_FILE).is_file() and (local / MANIFEST_FILE).read_bytes() == manifest_bytes:
         try:
-            verify_artifact(local)
+            verify_artifact(local, only=wanted)
             return local
-        except ArtifactError:
-            pass  # damaged cache: download again
+        except ArtifactError as error:
+            missing = {p.split(":", 1)[0] for p in error.problems if p.endswith(": missing")}
+            if missing and len(missing) == len(error.problems):
+                # a partial copy (another runtime's files): add what this caller needs
+                _download_into(s3, u.bucket, vkey, manifest, missing, local)
+                verify_artifact(local, only=wanted)
+                return local
+            # damaged cache: download again
 
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.parent / f".{local.name}.partial-{uuid.uuid4().hex}"
     try:
-        for rel in sorted(manifest.files):
+        for rel in sorted(manifest.files if wanted is None else wanted):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(u.bucket, f"{vkey}/{rel}", str(tmp / rel))
         (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
-        verify_artifact(tmp)
-        _install_dir(tmp, local)
+        verify_artifact(tmp, only=wanted)
+        _install_dir(tmp, local, only=wanted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
@@ -807,7 +852,10 @@ def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, runtime: 
     agreement with fp32 passed, else the SavedModel's ``serve`` signature with TensorFlow)."""
     from worker import runtimes  # runtimes imports this module
 
-    path = resolve_artifact(uri, s3=s3, cache_dir=cache_dir)
+    def needed(manifest: ArtifactManifest) -> set[str]:  # from S3, only the chosen runtime's model
+        return runtimes.files_of(runtimes.select(manifest.runtimes, runtime), manifest.files)
+
+    path = resolve_artifact(uri, s3=s3, cache_dir=cache_dir, needed=needed)
     manifest = read_manifest(path)
     labels = read_labels(path)
     entry = runtimes.select(manifest.runtimes, runtime)

@@ -47,6 +47,7 @@ __all__ = [
     "RuntimeEntry",
     "RuntimeSelectionError",
     "entries",
+    "files_of",
     "is_available",
     "load",
     "load_openvino_model",
@@ -224,6 +225,19 @@ def load(artifact_path: Path, entry: RuntimeEntry, *, input_size, num_classes: i
     predict = _checked(fn, input_size, num_classes)
     predict._inner = fn  # keeps the model alive with the function
     return predict
+
+
+def files_of(entry: RuntimeEntry, files) -> set[str]:
+    """The artifact files an entry reads: everything in its model's folder (and its fallback's)."""
+    paths = [entry.path]
+    fallback = entry.extra.get("fallback")
+    if isinstance(fallback, Mapping) and isinstance(fallback.get("path"), str):
+        paths.append(fallback["path"])
+    out = set()
+    for path in paths:
+        folder = path.rsplit("/", 1)[0] if "/" in path else path
+        out |= {f for f in files if f == path or f.startswith(folder + "/")}
+    return out
 
 
 def top2_margin(probs: np.ndarray) -> np.ndarray:

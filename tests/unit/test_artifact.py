@@ -20,6 +20,7 @@ from worker.artifact import (
     Label,
     copy_to_local_registry,
     load_artifact,
+    read_manifest,
     new_version,
     resolve_artifact,
     upload_artifact,
@@ -376,3 +377,48 @@ def test_worker_artifact_imports_neither_trainer_nor_tensorflow():
             "assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=60)
+
+
+def test_s3_load_downloads_only_the_chosen_runtimes_files(fast_colour_artifact, aws, tmp_path, monkeypatch):
+    """A worker serving OpenVINO int8 never downloads the TensorFlow SavedModel; one serving TF
+    later adds only the SavedModel to the same cached copy; a bad file from S3 is refused."""
+    monkeypatch.delenv("DOGBREEDS_RUNTIME", raising=False)
+    s3 = aws
+    uri = upload_artifact(fast_colour_artifact, f"s3://{BUCKET}/models", s3=s3)
+    manifest = read_manifest(fast_colour_artifact)
+    prefix = uri.split(f"s3://{BUCKET}/", 1)[1] + "/"
+    gets = _record(s3, "GetObject")
+    photos = np.random.default_rng(0).uniform(0, 255, (3, *manifest.input_size, 3)).astype(np.float32)
+
+    def fetched() -> set[str]:
+        files = {k[len(prefix):] for k in gets if k.startswith(prefix)} - {"manifest.json"}
+        gets.clear()
+        return files
+
+    cache = tmp_path / "cache"
+    lite = load_artifact(uri, s3=s3, cache_dir=cache, runtime="openvino-int8")
+    assert lite.runtime == "openvino-int8"
+    openvino_files = {f for f in manifest.files if f.startswith("model-openvino-")}  # int8 + its bf16 fallback
+    assert fetched() == openvino_files | {"labels.json"}
+    assert not (lite.path / "model").exists()
+    local_probs = load_artifact(str(fast_colour_artifact), runtime="openvino-int8").predict(photos)
+    np.testing.assert_allclose(lite.predict(photos), local_probs, atol=1e-5)
+
+    full = load_artifact(uri, s3=s3, cache_dir=cache, runtime="tf")
+    assert full.path == lite.path and full.runtime == "tf"
+    assert fetched() == {f for f in manifest.files if f.startswith("model/")}  # only what was missing
+    again = load_artifact(uri, s3=s3, cache_dir=cache, runtime="openvino-int8")
+    assert again.path == lite.path and fetched() == set()  # all cached now
+
+    # a wrong file in S3 is refused before it reaches the cache
+    other = tmp_path / "other-cache"
+    load_artifact(uri, s3=s3, cache_dir=other, runtime="tf")
+    bin_key = prefix + "model-openvino-int8/model.bin"
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key=bin_key)["Body"].read())
+    body[100] ^= 0xFF
+    s3.put_object(Bucket=BUCKET, Key=bin_key, Body=bytes(body))
+    with pytest.raises(ArtifactError, match=r"model-openvino-int8/model\.bin: sha256 mismatch"):
+        load_artifact(uri, s3=s3, cache_dir=other, runtime="openvino-int8")
+    cached = other / BUCKET / prefix.rstrip("/")
+    assert not (cached / "model-openvino-int8" / "model.bin").exists()
+    assert not [p for p in cached.rglob("*") if ".partial-" in p.name]
