@@ -23,7 +23,6 @@ included), ``head`` (what publish does: every op after the last convolution stay
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -105,9 +104,7 @@ def main() -> None:
             keep = () if setting == "none" else tuple(setting.split(","))
             throughput.log(f"quantising with keep_float={keep or '()'}")
             started = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: not in the table
-                quantized = fast_runtimes.quantize_int8(ov.convert_model(str(path / "model")), calibration,
-                                                        keep_float=keep)
+            quantized = fast_runtimes.quantize_int8(ov.convert_model(str(path / "model")), calibration, keep_float=keep)
             quantize_s = time.perf_counter() - started
             xml = tmp / setting.replace(",", "+") / "model.xml"
             ov.save_model(quantized, str(xml), compress_to_fp16=False)

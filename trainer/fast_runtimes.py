@@ -35,7 +35,9 @@ still works and writes the SavedModel only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -110,8 +112,10 @@ def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] =
     scope = nncf.IgnoredScope(names=names, types=types, validate=False) if names or types else None
     dataset = nncf.Dataset(list(calibration), lambda image: image[None].astype(np.float32))
     kwargs = {"ignored_scope": scope} if scope else {}
-    return nncf.quantize(model, dataset, subset_size=len(calibration), preset=nncf.QuantizationPreset.PERFORMANCE,
-                         **kwargs)
+    nncf.set_log_level(logging.WARNING)  # not its per-node INFO lines
+    with contextlib.redirect_stdout(sys.stderr):  # its progress bars: stdout is for results (tables, --json)
+        return nncf.quantize(model, dataset, subset_size=len(calibration),
+                             preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
 
 
 def fallback_margin(reference: np.ndarray, probs: np.ndarray, quantile: float = FALLBACK_QUANTILE) -> float:
