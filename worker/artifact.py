@@ -641,15 +641,17 @@ def _copy_artifact_files(local: Path, manifest: ArtifactManifest, parent: Path, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _s3_get_bytes(s3, bucket: str, key: str) -> bytes | None:
-    """Object body, or None when the object (or bucket) does not exist."""
+def _s3_get_bytes(s3, bucket: str, key: str, *, denied_is_missing: bool = False) -> bytes | None:
+    """Object body, or None when the object (or bucket) does not exist. ``denied_is_missing``:
+    also None on AccessDenied, which S3 answers for a missing key when the caller may not
+    s3:ListBucket (for probes whose fallback is another key)."""
     from botocore.exceptions import ClientError
 
     try:
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if code in ("NoSuchKey", "404", "NotFound") or (denied_is_missing and code in ("AccessDenied", "403")):
             return None
         raise
 
@@ -789,7 +791,10 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
             raise ArtifactError(f"no latest pointer at s3://{u.bucket}/{latest_key}")
         vkey = "/".join(x for x in (base, _parse_version_text(body, f"s3://{u.bucket}/{latest_key}")) if x)
     else:
-        manifest_bytes = _s3_get_bytes(s3, u.bucket, f"{key}/{MANIFEST_FILE}" if key else MANIFEST_FILE)
+        # <name>/<version>/manifest.json, or else <name>/latest (a probe: without s3:ListBucket a
+        # missing key answers AccessDenied, not NoSuchKey)
+        manifest_bytes = _s3_get_bytes(s3, u.bucket, f"{key}/{MANIFEST_FILE}" if key else MANIFEST_FILE,
+                                       denied_is_missing=True)
         if manifest_bytes is not None:
             vkey = key
         else:

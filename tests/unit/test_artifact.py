@@ -422,3 +422,23 @@ def test_s3_load_downloads_only_the_chosen_runtimes_files(fast_colour_artifact, 
     cached = other / BUCKET / prefix.rstrip("/")
     assert not (cached / "model-openvino-int8" / "model.bin").exists()
     assert not [p for p in cached.rglob("*") if ".partial-" in p.name]
+
+
+def test_s3_name_uri_without_list_permission_follows_latest(built, aws, tmp_path):
+    """s3://.../<name> first probes <name>/manifest.json; without s3:ListBucket, S3 answers a
+    missing key with AccessDenied, which must lead on to <name>/latest, not fail."""
+    from botocore.exceptions import ClientError
+
+    s3 = aws
+    upload_artifact(built[0], f"s3://{BUCKET}/m", s3=s3)
+
+    def deny_missing_keys(params, **_):
+        key = params["Key"]
+        if not s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount"):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+
+    s3.meta.events.register("provide-client-params.s3.GetObject", deny_missing_keys)
+    local = resolve_artifact(f"s3://{BUCKET}/m/{NAME}", s3=s3, cache_dir=tmp_path / "c")
+    assert local == tmp_path / "c" / BUCKET / "m" / NAME / V1
+    with pytest.raises(ClientError, match="AccessDenied"):  # where nothing is there at all, the denial shows
+        resolve_artifact(f"s3://{BUCKET}/m/nothing-here", s3=s3, cache_dir=tmp_path / "c")
