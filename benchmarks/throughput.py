@@ -269,7 +269,7 @@ def _child(args: list[str], env: dict | None = None, timeout: float = 1800) -> d
 
 
 def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path], mode: str, job_size: int,
-               run_id: str, worker_args: list[str] = ()) -> dict:
+               run_id: str, worker_args: list[str] = (), worker_endpoint: str | None = None) -> dict:
     import boto3
 
     from infra.local_stack import create_stack
@@ -304,7 +304,10 @@ def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path],
     argv = ["run", "--model", model, "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "1",
             "--batch-size", str(batch), "--runtime", runtime, "--output-prefix", "manifests", *worker_args]
     moto_cpu = _cpu_seconds(server.process.pid)
-    result = _child(["--_worker", *argv], env={**server.environment(), "DOGBREEDS_RUNTIME": runtime})
+    env = {**server.environment(), "DOGBREEDS_RUNTIME": runtime}
+    if worker_endpoint:  # the worker talks to S3/SQS through the latency proxy
+        env["AWS_ENDPOINT_URL"] = worker_endpoint
+    result = _child(["--_worker", *argv], env=env)
     moto_cpu = _cpu_seconds(server.process.pid) - moto_cpu
     marks = result["marks"]
     if not marks:
@@ -342,6 +345,9 @@ def main() -> None:
                         help="Queue messages: one S3 event per photo (as make demo), job messages, or both.")
     parser.add_argument("--job-size", type=int, default=16, help="Keys per job message (--mode jobs).")
     parser.add_argument("--no-e2e", action="store_true", help="Skip the end-to-end runs.")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="Add this much latency to each of the worker's S3/SQS requests (a TCP proxy in front "
+                             "of moto), as real S3/SQS round trips have.")
     parser.add_argument("--worker-args", default="", help="Extra `dogbreeds-worker run` options for the end-to-end "
                                                           "runs, e.g. --worker-args=--no-pipeline.")
     parser.add_argument("--no-agreement", action="store_true", help="Skip the agreement rows.")
@@ -399,15 +405,19 @@ def main() -> None:
         photos = sample_photos()
         photos = (photos * (args.photos // len(photos) + 1))[:args.photos]
         modes = ["events", "jobs"] if args.mode == "both" else [args.mode]
-        with MotoServer() as server:
+        from latency_proxy import LatencyProxy
+
+        with MotoServer() as server, LatencyProxy("127.0.0.1", server.port, args.latency_ms / 1000) as proxy:
             os.environ.update(server.environment())
+            worker_endpoint = proxy.endpoint if args.latency_ms > 0 else None
             for key in keys:
                 for batch in (int(b) for b in args.worker_batches.split(",")):
                     for mode in modes:
                         run_id = f"{key}-{batch}-{mode}".replace("_", "-").lower()
                         log(f"end to end: {key}, batch {batch}, {mode} ({len(photos)} photos), load {loadavg()}")
                         e2e[(key, batch, mode)] = end_to_end(server, str(path), key, batch, photos, mode,
-                                                             args.job_size, run_id, args.worker_args.split())
+                                                             args.job_size, run_id, args.worker_args.split(),
+                                                             worker_endpoint)
                         log(f"  {e2e[(key, batch, mode)]}")
 
     rows = []
@@ -423,7 +433,7 @@ def main() -> None:
                        "bare_img_s": bare_img_s, "e2e_img_s": measured.get("e2e_img_s"),
                        "ratio": round(measured["e2e_img_s"] / bare_img_s, 3) if measured and bare_img_s else None,
                        "peak_rss_mb": measured.get("peak_rss_mb"), "cold_start_s": measured.get("cold_start_s"),
-                       "runtime_key": key, "messages": mode,
+                       "runtime_key": key, "messages": mode, "latency_ms": args.latency_ms if measured else None,
                        "vs_tf_fp32": round(bare_img_s / base[str(batch)], 2) if str(batch) in base and bare_img_s else None,
                        "bare_peak_rss_mb": result["peak_rss_mb"], "load_s": result["load_s"],
                        "fallback_rate": measured.get("fallback_rate", result.get("fallback_rate")),
@@ -460,7 +470,9 @@ def print_table(rows: list[dict], *, model: str, path: Path) -> None:
     def fmt(v, spec=""):
         return "-" if v is None else format(v, spec)
 
-    print(f"\nmodel: {model} ({path.name}); {os.cpu_count()} CPUs; load average {rows[0]['loadavg'] if rows else ''}")
+    latency = next((r["latency_ms"] for r in rows if r.get("latency_ms")), 0)
+    print(f"\nmodel: {model} ({path.name}); {os.cpu_count()} CPUs; load average {rows[0]['loadavg'] if rows else ''}"
+          + (f"; {latency:g} ms added to each worker request to S3/SQS" if latency else ""))
     print(f"\n{'runtime':<15} {'prec':<5} {'batch':>5} {'bare img/s':>10} {'x tf fp32':>9} {'e2e img/s':>9} "
           f"{'e2e/bare':>8} {'peak RSS MB':>11} {'cold start s':>12} {'messages':>8} {'TF loaded':>9} {'re-run':>6} "
           f"{'moto CPU ms/img':>15}")
