@@ -159,7 +159,8 @@ def worker_options(command):
 @click.option("--max-messages", type=int, help="Stop after this many messages (batch runs).")
 @click.option("--until-empty", is_flag=True, help="Stop when a receive finds the queue empty.")
 @click.option("--pipeline/--no-pipeline", "pipelined", default=True, show_default=True,
-              help="Receive the next batch and write the previous batch's manifests while classifying.")
+              help="Receive the next batch (and start fetching its photos) and write the previous batch's "
+                   "manifests while classifying.")
 def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, queue_url, wait_seconds,
         visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message

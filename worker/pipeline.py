@@ -2,7 +2,9 @@
 
 Downloads and decoding run in a bounded thread pool while the calling thread runs inference
 (TensorFlow and Pillow release the GIL), with a bounded look-ahead window so memory stays flat
-however many keys a job holds. Results come back in input order.
+however many keys a job holds. Results come back in input order. :meth:`Pipeline.prefetch`
+starts the photos of the *next* batch (at most one window of them) while this one is still
+classified; :meth:`Pipeline.classify` then takes them instead of fetching them again.
 
 Per-item outcomes that retrying cannot change (the key does not exist, access denied, a bad
 image) are ``error`` items. Anything else (throttling, 5xx and connection errors that boto3's
@@ -12,6 +14,7 @@ queue and retried, never recorded as a failed photo.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -148,9 +151,41 @@ class Pipeline:
         self.settings = settings
         self.reader = reader or S3Reader(s3)
         self._executor = ThreadPoolExecutor(settings.download_threads, thread_name_prefix="fetch")
+        self._ahead: dict[ImageRef, Future] = {}  # photos prefetched for a later classify()
+        self._ahead_lock = threading.Lock()
 
     def close(self) -> None:
+        self.discard_prefetched()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, ref: ImageRef) -> Future:
+        size, fit, limits = self.classifier.input_size, self.classifier.input_fit, self.settings.limits
+        return self._executor.submit(fetch_and_decode, self.reader, ref, size, limits, fit)
+
+    def prefetch(self, refs: Sequence[ImageRef]) -> int:
+        """Start fetching and decoding photos a later :meth:`classify` call will ask for (at most
+        one look-ahead window held at a time); returns how many were started."""
+        started = 0
+        with self._ahead_lock:
+            for ref in refs:
+                if len(self._ahead) >= self.settings.window:
+                    break
+                if ref not in self._ahead:
+                    self._ahead[ref] = self._submit(ref)
+                    started += 1
+        return started
+
+    def discard_prefetched(self, refs: Iterable[ImageRef] | None = None) -> None:
+        """Forget prefetched photos (all, or those of ``refs``) that no classify() will take."""
+        with self._ahead_lock:
+            for ref in list(self._ahead) if refs is None else refs:
+                future = self._ahead.pop(ref, None)
+                if future is not None:
+                    future.cancel()
+
+    def _take_prefetched(self, ref: ImageRef) -> Future | None:
+        with self._ahead_lock:
+            return self._ahead.pop(ref, None)
 
     def classify(self, refs: Sequence[ImageRef], progress=None) -> list[ItemResult]:
         """One result per ref, in order. Raises TransientError when a fetch must be retried.
@@ -174,13 +209,12 @@ class Pipeline:
         return _reorder(results, refs)
 
     def _fetched(self, refs: Iterable[ImageRef]):
-        """Fetch with a bounded look-ahead; yields in input order."""
-        size, fit, limits = self.classifier.input_size, self.classifier.input_fit, self.settings.limits
+        """Fetch with a bounded look-ahead (taking prefetched photos); yields in input order."""
         pending: deque[Future] = deque()
         iterator = iter(refs)
         try:
             for ref in iterator:
-                pending.append(self._executor.submit(fetch_and_decode, self.reader, ref, size, limits, fit))
+                pending.append(self._take_prefetched(ref) or self._submit(ref))
                 if len(pending) >= self.settings.window:
                     yield pending.popleft().result()
             while pending:

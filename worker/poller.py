@@ -3,9 +3,9 @@ delete only after the manifest is written, failed messages left for retry (and t
 SIGTERM/SIGINT finish the current batch, then stop.
 
 Three stages overlap (``PollerSettings.pipelined``, the default): while the main thread
-classifies batch N, one thread receives batch N+1 and another writes batch N-1's manifests and
-deletes its messages. So the cores never wait for a receive, a manifest PUT or a delete round
-trip. A message is deleted only after its manifest is written, as before; the messages received
+classifies batch N, one thread receives batch N+1 (and starts fetching its photos) and another
+writes batch N-1's manifests and deletes its messages. So the cores never wait for a receive,
+a manifest PUT or a delete round trip, nor for the first downloads of a batch. A message is deleted only after its manifest is written, as before; the messages received
 ahead are covered by the same heartbeat, and on stop they are handed back to the queue
 (visibility 0) instead of waiting out their visibility timeout.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from worker.jobs import (BatchOutcome, ClassifiedBatch, OutputSettings, QueuedMessage, classify_messages,
                          write_manifests)
+from worker.messages import MessageError, parse_message
 from worker.observability import logger, metrics_for_batch
 from worker.pipeline import Pipeline
 
@@ -124,6 +125,21 @@ class Poller:
         self.in_flight.add(received)
         return received
 
+    def receive_ahead(self, wanted: int) -> list[dict]:
+        """Receive the next batch while this one is classified, and start fetching its photos."""
+        received = self.receive(wanted)
+        refs = []
+        for message in received:
+            try:
+                job = parse_message(message["Body"])
+            except MessageError:
+                continue  # classify_messages reports it
+            if job is not None and job.prefix is None:
+                refs += job.refs
+        if refs:
+            self.pipeline.prefetch(refs)
+        return received
+
     def run(self) -> PollerSummary:
         s = self.settings
         summary = PollerSummary()
@@ -165,7 +181,7 @@ class Poller:
                     continue
                 summary.messages += len(received)
                 if ahead and not self._stopping.is_set() and wanted() > 0:
-                    upcoming = receiver.submit(self.receive, wanted())  # runs while this batch is classified
+                    upcoming = receiver.submit(self.receive_ahead, wanted())  # runs while this batch is classified
                     nothing_pending = False
                 classified = self.classify(received)
                 settle(finishing)  # at most one batch waits for its manifests
@@ -176,6 +192,7 @@ class Poller:
             settle(finishing)
             if upcoming is not None:  # received ahead but not started: hand them back now
                 self.release(upcoming.result())
+                self.pipeline.discard_prefetched()
         summary.seconds = round(time.perf_counter() - started, 3)
         logger.info("poller stopped", extra={"summary": summary.__dict__})
         return summary

@@ -81,6 +81,15 @@ class SlowPipeline:
     def __init__(self, s3, timeline: Timeline, on_classify=None):
         self.s3, self.timeline, self.on_classify = s3, timeline, on_classify
 
+    def prefetch(self, refs):
+        now = time.perf_counter()
+        self.timeline.add("prefetch", [r.key for r in refs], now, now)
+        return len(refs)
+
+    def discard_prefetched(self, refs=None):
+        now = time.perf_counter()
+        self.timeline.add("discard", None, now, now)
+
     def classify(self, refs):
         start = time.perf_counter()
         if self.on_classify:
@@ -115,8 +124,10 @@ def test_receive_ahead_and_manifests_behind_overlap_classification():
     assert (summary.messages, summary.succeeded, summary.failed, summary.images) == (6, 6, 0, 6)
     classify, receives, puts = timeline.of("classify"), timeline.of("receive"), timeline.of("put")
     assert len(classify) == 3
-    # the receive of batch 2 ran while batch 1 was classified
+    # the receive of batch 2 ran while batch 1 was classified, and its photos were prefetched then
     assert receives[1][1] == ["m2", "m3"] and receives[1][2] < classify[0][3]
+    prefetched = {tuple(e[1]): e[2] for e in timeline.of("prefetch")}
+    assert prefetched[("2.jpg", "3.jpg")] < classify[0][3] and ("0.jpg", "1.jpg") not in prefetched
     # batch 1's manifests were written while batch 2 was classified
     first_puts = [p for p in puts if p[1] in ("manifests/job-0.json", "manifests/job-1.json")]
     assert all(p[2] < classify[1][3] and p[3] > classify[1][2] for p in first_puts)
@@ -137,7 +148,7 @@ def test_not_pipelined_runs_one_stage_at_a_time():
     classify, receives, puts = timeline.of("classify"), timeline.of("receive"), timeline.of("put")
     assert receives[1][2] >= max(p[3] for p in puts if p[1] in ("manifests/job-0.json", "manifests/job-1.json"))
     assert classify[1][2] >= receives[1][3]
-    assert sorted(sqs.deleted) == [f"r{i}" for i in range(4)]
+    assert sorted(sqs.deleted) == [f"r{i}" for i in range(4)] and not timeline.of("prefetch")
 
 
 def test_stop_finishes_the_batch_in_hand_and_hands_back_the_batch_received_ahead():
@@ -153,6 +164,7 @@ def test_stop_finishes_the_batch_in_hand_and_hands_back_the_batch_received_ahead
     assert sorted(sqs.deleted) == ["r0", "r1"]  # the batch in hand: manifests written, deleted
     assert [p[1] for p in timeline.of("put")] and len(timeline.of("classify")) == 1
     assert ("r2", 0) in sqs.visibility and ("r3", 0) in sqs.visibility  # visible again at once
+    assert timeline.of("discard")  # and their prefetched photos dropped
     assert summary.succeeded == 2 and poller.in_flight.snapshot() == []
     assert len(sqs.batches) == 1  # the third batch was never received
 
