@@ -36,18 +36,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402  (sibling benchmark: photos, default model, logging)
+from trainer import fast_runtimes  # noqa: E402
 
 BATCH = 16
-
-
-def _predict_all(predict, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([predict(x[i:i + BATCH].astype(np.float32)) for i in range(0, len(x), BATCH)])
 
 
 def _timed(predict, x: np.ndarray) -> tuple[np.ndarray, float]:
     predict(x[:BATCH].astype(np.float32))  # warm-up (first-call allocations)
     started = time.perf_counter()
-    probs = _predict_all(predict, x)
+    probs = fast_runtimes.predict_all(predict, x, BATCH)
     return probs, len(x) / (time.perf_counter() - started)
 
 
@@ -74,7 +71,6 @@ def main() -> None:
 
     import openvino as ov
 
-    from trainer import fast_runtimes
     from worker import runtimes
     from worker.artifact import read_labels, read_manifest, resolve_artifact
 
@@ -95,7 +91,7 @@ def main() -> None:
 
     tf_predict = load(runtimes.RuntimeEntry("tf", "tf", "model", "fp32"))
     reference, tf_img_s = _timed(tf_predict, x)
-    reference_cal = _predict_all(tf_predict, calibration)
+    reference_cal = fast_runtimes.predict_all(tf_predict, calibration)
     bf16 = runtimes.load_openvino_model(path / "model-openvino-bf16" / "model.xml", "bf16")
     rows = []
     with tempfile.TemporaryDirectory(dir=work) as scratch:
@@ -110,9 +106,9 @@ def main() -> None:
             ov.save_model(quantized, str(xml), compress_to_fp16=False)
             int8 = runtimes.load_openvino_model(xml, "int8")
             probs, img_s = _timed(int8, x)
-            margin = fast_runtimes.fallback_margin(reference_cal, _predict_all(int8, calibration))
+            margin = fast_runtimes.fallback_margin(reference_cal, fast_runtimes.predict_all(int8, calibration))
             cascade = runtimes.with_fallback(int8, bf16, margin)
-            cascaded = _predict_all(cascade, x)
+            cascaded = fast_runtimes.predict_all(cascade, x)
             plain = fast_runtimes.agreement(reference, probs, labels)
             rows.append({"keep_float": setting, "photos": plain["photos"], "top1_agreement": plain["top1_agreement"],
                          "fp32_top1": plain["fp32_top1"], "top1": plain["top1"],

@@ -60,7 +60,8 @@ def available() -> bool:
     return runtimes.is_available("openvino")
 
 
-def _predict_all(predict, pixels: np.ndarray, batch: int = BATCH) -> np.ndarray:
+def predict_all(predict, pixels: np.ndarray, batch: int = BATCH) -> np.ndarray:
+    """``predict`` over ``pixels`` in batches of ``batch`` (float32), concatenated."""
     return np.concatenate([predict(pixels[i:i + batch].astype(np.float32)) for i in range(0, len(pixels), batch)])
 
 
@@ -155,7 +156,7 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
         tf_entry = runtimes.RuntimeEntry("tf", "tf", ".", "fp32")
         predict_tf = runtimes.load(Path(saved_model_dir), tf_entry, input_size=input_size, num_classes=0, threads=threads)
     if reference is None:
-        reference = _predict_all(predict_tf, heldout)
+        reference = predict_all(predict_tf, heldout)
 
     started = time.perf_counter()
     model = ov.convert_model(str(saved_model_dir))
@@ -198,17 +199,17 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
         xml = out_dir / spec["path"]
         predict = runtimes.load_openvino_model(xml, precision, threads=threads)
         started = time.perf_counter()
-        probs = _predict_all(predict, heldout)
+        probs = predict_all(predict, heldout)
         if precision == "int8" and int8_fallback and "bf16" in built:
             plain = agreement(reference, probs, heldout_labels)
-            margin = fallback_margin(_predict_all(predict_tf, calibration), _predict_all(predict, calibration))
+            margin = fallback_margin(predict_all(predict_tf, calibration), predict_all(predict, calibration))
             spec["fallback"] = {"path": built["bf16"]["path"], "precision": "bf16", "below_margin": margin,
                                 "rule": f"photos whose int8 top-2 margin is below {margin} (the 99th percentile of "
                                         "int8's shift of the fp32 top-2 margin on the calibration photos) are "
                                         "re-run in bf16"}
             cascade = runtimes.with_fallback(predict, runtimes.load_openvino_model(out_dir / built["bf16"]["path"], "bf16",
                                                                                    threads=threads), margin)
-            probs = _predict_all(cascade, heldout)
+            probs = predict_all(cascade, heldout)
             spec["fallback"]["heldout_fallback_rate"] = round(cascade.fallbacks / max(1, cascade.calls), 4)
             spec["int8_only_agreement"] = {k: plain[k] for k in ("photos", "top1_agreement", "passed") if k in plain}
         seconds = time.perf_counter() - started

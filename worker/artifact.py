@@ -567,9 +567,7 @@ def verify_artifact(path: Path, *, only: set[str] | None = None) -> ArtifactMani
                 problems.append(f"{rel}: sha256 mismatch (expected {expected}, actual {actual})")
 
     model_root = path / MODEL_DIR
-    if only is not None and not any(rel.startswith(MODEL_DIR + "/") for rel in only) and not model_root.exists():
-        pass  # a partial download without the SavedModel
-    elif model_root.is_symlink():
+    if model_root.is_symlink():
         problems.append(f"{MODEL_DIR}: is a symlink")
     elif model_root.is_dir():
         files, odd = _list_files(model_root)
@@ -825,17 +823,14 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
     local = bucket_root / vkey
     wanted = _wanted_files(manifest, needed)
     if (local / MANIFEST_FILE).is_file() and (local / MANIFEST_FILE).read_bytes() == manifest_bytes:
+        # a cached copy of this version, maybe partial (another runtime's files): add what is absent
+        absent = {rel for rel in (manifest.files if wanted is None else wanted) if not (local / rel).exists()}
+        _download_into(s3, u.bucket, vkey, manifest, absent, local)
         try:
             verify_artifact(local, only=wanted)
             return local
-        except ArtifactError as error:
-            missing = {p.split(":", 1)[0] for p in error.problems if p.endswith(": missing")}
-            if missing and len(missing) == len(error.problems):
-                # a partial copy (another runtime's files): add what this caller needs
-                _download_into(s3, u.bucket, vkey, manifest, missing, local)
-                verify_artifact(local, only=wanted)
-                return local
-            # damaged cache: download again
+        except ArtifactError:
+            pass  # damaged cache: download again
 
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.parent / f".{local.name}.partial-{uuid.uuid4().hex}"

@@ -189,23 +189,27 @@ class Pipeline:
 
     def classify(self, refs: Sequence[ImageRef], progress=None) -> list[ItemResult]:
         """One result per ref, in order. Raises TransientError when a fetch must be retried.
-        ``progress(n)`` is called as photos are read."""
+        ``progress(n)`` is called as photos are read. Photos of ``refs`` prefetched but not taken
+        (the call failed half way) are dropped: a retry fetches them afresh."""
         results: list[ItemResult] = []
         batch: list[Fetched] = []
-        for fetched in self._fetched(refs):
-            if progress:
-                progress(1)
-            if fetched.error:
-                code, message = fetched.error
-                results.append(ItemResult.failure(fetched.ref.bucket, fetched.ref.key, error_code=code,
-                                                  error_message=message, etag=fetched.etag,
-                                                  version_id=fetched.version_id, timings_ms=fetched.timings_ms))
-                continue
-            batch.append(fetched)
-            if len(batch) >= self.settings.batch_size:
-                results += self._infer(batch)
-                batch = []
-        results += self._infer(batch)
+        try:
+            for fetched in self._fetched(refs):
+                if progress:
+                    progress(1)
+                if fetched.error:
+                    code, message = fetched.error
+                    results.append(ItemResult.failure(fetched.ref.bucket, fetched.ref.key, error_code=code,
+                                                      error_message=message, etag=fetched.etag,
+                                                      version_id=fetched.version_id, timings_ms=fetched.timings_ms))
+                    continue
+                batch.append(fetched)
+                if len(batch) >= self.settings.batch_size:
+                    results += self._infer(batch)
+                    batch = []
+            results += self._infer(batch)
+        finally:
+            self.discard_prefetched(refs)
         return _reorder(results, refs)
 
     def _fetched(self, refs: Iterable[ImageRef]):

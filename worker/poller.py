@@ -5,7 +5,8 @@ SIGTERM/SIGINT finish the current batch, then stop.
 Three stages overlap (``PollerSettings.pipelined``, the default): while the main thread
 classifies batch N, one thread receives batch N+1 (and starts fetching its photos) and another
 writes batch N-1's manifests and deletes its messages. So the cores never wait for a receive,
-a manifest PUT or a delete round trip, nor for the first downloads of a batch. A message is deleted only after its manifest is written, as before; the messages received
+a manifest PUT or a delete round trip, nor for the first downloads of a batch. A message is
+deleted only after its manifest is written, as before; the messages received
 ahead are covered by the same heartbeat, and on stop they are handed back to the queue
 (visibility 0) instead of waiting out their visibility timeout.
 """
@@ -196,10 +197,6 @@ class Poller:
         summary.seconds = round(time.perf_counter() - started, 3)
         logger.info("poller stopped", extra={"summary": summary.__dict__})
         return summary
-
-    def handle(self, received: list[dict]) -> BatchOutcome:
-        """Classify one received batch and settle it (manifests, deletes, retries), in this thread."""
-        return self.finish(received, self.classify(received))
 
     def classify(self, received: list[dict]) -> ClassifiedBatch:
         return classify_messages([QueuedMessage(m["MessageId"], m["Body"]) for m in received], self.pipeline,

@@ -7,20 +7,23 @@ import threading
 from collections import Counter
 
 import numpy as np
+import pytest
 
 from tests.conftest import colour_photo
 from worker.classifier import BreedScore
 from worker.messages import ImageRef
-from worker.pipeline import Pipeline, PipelineSettings
+from worker.pipeline import Pipeline, PipelineSettings, TransientError
 
 
 class CountingReader:
-    def __init__(self):
-        self.reads, self.lock = Counter(), threading.Lock()
+    def __init__(self, failing: str | None = None):
+        self.reads, self.lock, self.failing = Counter(), threading.Lock(), failing
 
     def read(self, ref, max_bytes):
         with self.lock:
             self.reads[ref.key] += 1
+        if ref.key == self.failing:
+            raise TransientError("throttled")
         return colour_photo((200, 30, 30), seed=int(ref.key.split(".")[0])), None, None
 
 
@@ -55,5 +58,19 @@ def test_prefetched_photos_are_taken_not_read_again():
         assert pipeline.prefetch(refs(range(200, 203))) == 3  # room again after discarding
         pipeline.discard_prefetched(refs(range(200, 203)))
         assert pipeline._ahead == {}
+    finally:
+        pipeline.close()
+
+
+def test_a_failed_classify_drops_the_prefetched_photos_it_did_not_take():
+    reader = CountingReader(failing="1.jpg")
+    pipeline = Pipeline(RedClassifier(), s3=None, settings=PipelineSettings(batch_size=2, download_threads=1),
+                        reader=reader)
+    try:
+        assert pipeline.prefetch(refs(range(4, 8))) == 4  # the photos classify() reaches after the failing one
+        with pytest.raises(TransientError):
+            pipeline.classify(refs(range(8)))
+        assert pipeline._ahead == {}  # a retry fetches afresh; nothing holds a window slot
+        assert pipeline.prefetch(refs(range(100, 100 + pipeline.settings.window))) == pipeline.settings.window
     finally:
         pipeline.close()

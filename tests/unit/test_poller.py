@@ -54,8 +54,10 @@ class FakeSQS:
         return {"Successful": [{"Id": e["Id"]} for e in Entries]}
 
     def change_message_visibility_batch(self, QueueUrl, Entries):  # noqa: N803
+        now = time.perf_counter()
         with self.lock:
             self.visibility += [(e["ReceiptHandle"], e["VisibilityTimeout"]) for e in Entries]
+        self.timeline.add("visibility", [(e["ReceiptHandle"], e["VisibilityTimeout"]) for e in Entries], now, now)
         return {"Successful": [{"Id": e["Id"]} for e in Entries]}
 
 
@@ -172,7 +174,9 @@ def test_stop_finishes_the_batch_in_hand_and_hands_back_the_batch_received_ahead
 def test_the_heartbeat_renews_the_messages_received_ahead():
     poller, sqs, timeline = make(2, heartbeat_seconds=0.05, visibility_timeout=30)
     poller.run()
-    renewed = {receipt for receipt, timeout in sqs.visibility if timeout == 30}
-    # while batch 1 (r0, r1) was classified, batch 2 (r2, r3) had been received ahead: both renewed
-    assert {"r0", "r1", "r2", "r3"} <= renewed
+    first_classify_end = timeline.of("classify")[0][3]
+    renewed_early = {receipt for _, entries, at, _ in timeline.of("visibility") if at < first_classify_end
+                     for receipt, timeout in entries if timeout == 30}
+    # while batch 1 (r0, r1) was classified, batch 2 (r2, r3), received ahead, was renewed too
+    assert {"r0", "r1", "r2", "r3"} <= renewed_early
     assert poller.in_flight.snapshot() == []  # nothing left to renew once deleted
