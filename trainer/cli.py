@@ -111,18 +111,41 @@ def analyze(data, out_dir, seed):
 @click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
 @click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, **options):
+@click.option("--not-dogs", type=click.Path(exists=True, file_okay=False),
+              help="A folder of photos WITHOUT a dog (cats, objects, scenes; any depth) for the dog check. "
+                   "Default: DATA/not-dogs/ when it exists. Split by file path into fit (40%), val (20%, chooses "
+                   "the threshold) and test (40%, measured only).")
+@click.option("--dog-check", type=click.Choice(["auto", "dog-head", "imagenet-dog-mass", "none"]), default="auto",
+              show_default=True,
+              help="How the served model tells whether a photo shows a dog. auto = dog-head: a logistic dog/not-dog "
+                   "head on the model's own pooled features (needs not-dog photos); imagenet-dog-mass: "
+                   "EfficientNet-Lite0's ImageNet head, its probability mass on the dog classes (Lite0 models); "
+                   "none: every photo gets a breed.")
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, not_dogs, dog_check, **options):
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
-    split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
+    split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir); calibrate
+    its scores on the validation split (calibration.png) and fit its dog check."""
     from trainer.experiment import fit_run
 
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
-                         hyperparameters=hyperparameters, **options)
+                         hyperparameters=hyperparameters, not_dogs=not_dogs, dog_check=dog_check, **options)
     run = fit_run(config, Path(run_dir))
     m = run["metrics"]["test"]
     click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
                f"({run['seconds']})")
+    cal = run.get("calibration") or {}
+    if cal:
+        click.echo(f"calibration: T = {cal['temperature']}, test ECE {cal['test']['ece_before']:.1%} -> "
+                   f"{cal['test']['ece_after']:.1%}")
+    check = run.get("dog_check") or {}
+    if check:
+        test = check.get("test") or check["val"]
+        groups = ", ".join(f"{g} {v['no_dog']:.0%} of {v['photos']}" for g, v in test["not_dogs"].items())
+        click.echo(f"dog check ({check['method']}, threshold {check['threshold']}): no_dog on not-dog photos: "
+                   f"{groups}; dogs lost {test['dogs_lost']:.1%} of {test['dogs']}")
+    else:
+        click.echo("dog check: NONE (no not-dog photos found, or --dog-check none): every photo will get a breed")
     click.echo(f"run saved in {run_dir}")
 
 
@@ -199,6 +222,29 @@ def publish(run_dir, destination, name, version, fast_runtimes):
     from trainer.publish import publish as do_publish
 
     where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes)
+    click.echo(f"published {where}")
+
+
+@main.command("imagenet-baseline")
+@click.option("--breeds", "breeds_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Breed folders, one a line (<synset>-<Breed>, e.g. samples/breeds.txt): the artifact's labels.")
+@click.option("--to", "destination", required=True,
+              help="A local registry folder or s3://bucket/models (the artifact lands in <to>/<name>/<version>/).")
+@click.option("--name", default="imagenet-baseline", show_default=True, help="Model name.")
+@click.option("--version", help="Version (default: a UTC timestamp).")
+@click.option("--image-size", type=int, default=320, show_default=True, help="Model input size (centre crops).")
+@click.option("--photos", type=click.Path(exists=True, file_okay=False),
+              help="Photos (any layout) to calibrate the OpenVINO int8 variant on and measure the variants' agreement "
+                   "(half each). Without them only the TensorFlow model is published.")
+@click.option("--fast-runtimes/--tf-only", default=True, show_default=True)
+def imagenet_baseline(breeds_file, destination, name, version, image_size, photos, fast_runtimes):
+    """Publish the ImageNet baseline: EfficientNet-Lite0's ImageNet head restricted to the breeds'
+    synsets, no training (the baseline every trained model must beat). Its dog check is the
+    ImageNet softmax's mass on the dog classes; its scores are not recalibrated (T = 1)."""
+    from trainer.baseline import publish_baseline
+
+    where = publish_baseline(breeds_file, destination, name, version=version, image_size=image_size, photos=photos,
+                             fast_runtimes=fast_runtimes)
     click.echo(f"published {where}")
 
 

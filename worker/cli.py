@@ -21,6 +21,14 @@ def main():
     from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
 
 
+DOG_CHECK_HELP = ("Apply the model's dog check (a photo whose dog score is below the artifact's threshold is "
+                  "answered no_dog, its breed fields null, its top-k kept as a hint). --no-dog-check gives every "
+                  "photo a breed. Env: DOGBREEDS_DOG_CHECK=0 turns it off.")
+MIN_SCORE_HELP = ("Photos whose best breed score (a calibrated probability) is below this are answered uncertain, "
+                  "with their top-k, for human review; pick it from the model card's risk-coverage table. "
+                  "Env: DOGBREEDS_MIN_SCORE.")
+
+
 def _load_classifier(model_uri: str, top_k: int, **kw):
     """Load and verify the artifact; a tampered or missing one is a one-line refusal, not a traceback."""
     from worker.artifact import ArtifactError
@@ -30,6 +38,8 @@ def _load_classifier(model_uri: str, top_k: int, **kw):
         return Classifier.load(model_uri, top_k=top_k, **kw)
     except ArtifactError as error:
         raise click.ClickException(f"refusing to serve {model_uri}: ArtifactError: {error}") from error
+    except ValueError as error:  # e.g. a min score outside [0, 1]
+        raise click.ClickException(str(error)) from error
 
 
 def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
@@ -56,15 +66,18 @@ def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
 @click.option("--runtime", envvar="DOGBREEDS_RUNTIME", default="auto", show_default=True,
               help="Model variant: auto (the fastest one whose recorded agreement with fp32 passed), tf, "
                    "openvino, or a key of the artifact's runtimes such as openvino-int8. Env: DOGBREEDS_RUNTIME.")
-def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
-    """Top-k breeds for photos or folders of photos. Unreadable files are reported per file
-    (with their error code) and never stop the run."""
+@click.option("--dog-check/--no-dog-check", default=lambda: _env().dog_check, help=DOG_CHECK_HELP)
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=lambda: _env().min_score, help=MIN_SCORE_HELP)
+def predict(model_uri, paths, top_k, batch_size, as_json, runtime, dog_check, min_score):
+    """Top-k breeds for photos or folders of photos: status ok (a breed), no_dog (no dog in the
+    photo, per the model's dog check) or uncertain (below --min-score). Unreadable files are
+    reported per file (with their error code) and never stop the run."""
     import numpy as np
     from tqdm.auto import tqdm
 
     from worker.images import ImageDecodeError, load_image
 
-    classifier = _load_classifier(model_uri, top_k, runtime=runtime)
+    classifier = _load_classifier(model_uri, top_k, runtime=runtime, dog_check=dog_check, min_score=min_score)
     files, had_folder = _photo_paths(paths)
     results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
     printed = 0
@@ -79,11 +92,15 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
 
     def flush(batch):
         if batch:
-            tops = classifier.classify(np.stack([pixels for _, _, pixels in batch]))
-            for (index, path, _), top in zip(batch, tops):
-                emit(index, {"path": str(path), "status": "ok", "breed": top[0].breed, "synset": top[0].synset,
-                             "score": round(top[0].score, 4),
-                             "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)} for t in top]})
+            predictions = classifier.predict(np.stack([pixels for _, _, pixels in batch]))
+            for (index, path, _), p in zip(batch, predictions):
+                best = p.breed
+                emit(index, {"path": str(path), "status": p.status, "breed": best.breed if best else None,
+                             "synset": best.synset if best else None,
+                             "score": round(best.score, 4) if best else None,
+                             "dog_score": None if p.dog_score is None else round(p.dog_score, 4),
+                             "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)}
+                                       for t in p.top_k]})
         batch.clear()
 
     batch = []
@@ -103,16 +120,28 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
     if not as_json:
         _print_table(results, top_k)
     errors = sum(r["status"] == "error" for r in results)
+    if not as_json:
+        answered = {s: sum(r["status"] == s for r in results) for s in ("no_dog", "uncertain") if any(
+            r["status"] == s for r in results)}
+        if answered:
+            click.echo(", ".join(f"{n} {s}" for s, n in answered.items()) + f" of {len(results)} photos", err=True)
     if errors and not as_json:
         click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
 
 
-def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None):
+def _env():
+    from worker.settings import WorkerEnvironment
+
+    return WorkerEnvironment.from_env()
+
+
+def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None,
+              dog_check: bool = True, min_score: float | None = None):
     from worker.pipeline import Pipeline, PipelineSettings
     from worker.settings import client
 
     s3 = client("s3")
-    classifier = _load_classifier(model_uri, top_k, s3=s3, runtime=runtime)
+    classifier = _load_classifier(model_uri, top_k, s3=s3, runtime=runtime, dog_check=dog_check, min_score=min_score)
     return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k),
                     reader=reader)
 
@@ -140,6 +169,8 @@ def worker_options(command):
                      help="Model variant: auto (the fastest one whose recorded agreement with fp32 passed), tf, "
                           "openvino, or a key of the artifact's runtimes such as openvino-int8 "
                           "(env DOGBREEDS_RUNTIME)."),
+        click.option("--dog-check/--no-dog-check", default=env.dog_check, show_default=True, help=DOG_CHECK_HELP),
+        click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=env.min_score, help=MIN_SCORE_HELP),
     ]
     for option in reversed(options):
         command = option(command)
@@ -161,8 +192,8 @@ def worker_options(command):
 @click.option("--pipeline/--no-pipeline", "pipelined", default=True, show_default=True,
               help="Receive the next batch (and start fetching its photos) and write the previous batch's "
                    "manifests while classifying.")
-def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, queue_url, wait_seconds,
-        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined):
+def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check, min_score,
+        queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
@@ -172,7 +203,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     from worker.poller import Poller, PollerSettings
     from worker.settings import client
 
-    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
+    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
+                         min_score=min_score)
     poller = Poller(client("sqs"), pipeline, OutputSettings(output_bucket, output_prefix, jsonl),
                     PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
                                    heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
@@ -192,8 +224,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 @click.option("--out", help="Where to write the manifest: a local file or s3://bucket/key "
                             "(default: s3://<bucket>/<output-prefix>/<job-id>.json for S3 sources, "
                             "./<job-id>.json for local folders).")
-def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, source, job_id,
-             out):
+def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check,
+             min_score, source, job_id, out):
     """Classify every photo under SOURCE (a local folder or s3://bucket/prefix) and write one
     manifest, without a queue."""
     import hashlib
@@ -208,7 +240,8 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     if source.startswith("s3://"):
         uri = S3Uri.parse(source)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
+                             min_score=min_score)
         job = expand_prefix_job(Job(job_id, (), None, "prefix-job", prefix=uri.key, bucket=uri.bucket), pipeline.s3)
     else:
         root = Path(source)
@@ -218,7 +251,8 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
 
         keys = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime,
+                             dog_check=dog_check, min_score=min_score)
         job = Job(job_id, tuple(ImageRef(str(root), k) for k in keys), None, "local-folder")
     try:
         with tqdm(total=len(job.refs), desc="classify", unit="img", file=sys.stderr) as bar:
@@ -234,7 +268,9 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
         manifests.write_manifest(pipeline.s3, target.bucket, target.key, document, jsonl=jsonl)
     else:
         Path(out).write_text(document.to_jsonl() if jsonl else document.to_json())
-    click.echo(f"{document.counts['ok']} ok, {document.counts['error']} errors -> {out}")
+    counts = document.counts
+    click.echo(f"{counts['ok']} ok, {counts['no_dog']} no_dog, {counts['uncertain']} uncertain, "
+               f"{counts['error']} errors -> {out}")
 
 
 def _print_table(results: list[dict], top_k: int) -> None:
@@ -244,6 +280,11 @@ def _print_table(results: list[dict], top_k: int) -> None:
         if r["status"] == "ok":
             others = ", ".join(f"{t['breed']} {t['score']:.2f}" for t in r["top_k"][1:top_k])
             click.echo(f"{r['path'].ljust(width)}  {r['breed']:<28} {r['score']:>6.2f}  {others}")
+        elif r["status"] in ("no_dog", "uncertain"):
+            label = "NO DOG" if r["status"] == "no_dog" else "UNCERTAIN"
+            hint = ", ".join(f"{t['breed']} {t['score']:.2f}" for t in r["top_k"][:top_k])
+            dog = f" (dog score {r['dog_score']:.2f})" if r.get("dog_score") is not None else ""
+            click.echo(f"{r['path'].ljust(width)}  {label + dog:<35}  hint: {hint}")
         else:
             click.echo(f"{r['path'].ljust(width)}  ERROR {r['error_code']}: {r['error_message']}")
 

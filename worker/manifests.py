@@ -46,13 +46,18 @@ __all__ = [
     "write_manifest",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
+# 2: statuses "no_dog" and "uncertain", items carry "dog_score", counts list every status.
+MANIFEST_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_JSONL = "application/x-ndjson"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-_STATUSES = (STATUS_OK, STATUS_ERROR)
+STATUS_NO_DOG = "no_dog"  # the model's dog check found no dog: breed fields null, top_k a hint
+STATUS_UNCERTAIN = "uncertain"  # best breed score below --min-score: breed fields null, top_k for review
+_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_NO_DOG, STATUS_UNCERTAIN)
+_CLASSIFIED = (STATUS_OK, STATUS_NO_DOG, STATUS_UNCERTAIN)
 
 SCORE_DECIMALS = 6
 TIMING_DECIMALS = 3
@@ -89,7 +94,10 @@ class TopK:
 
 @dataclass
 class ItemResult:
-    """The outcome for one image (``status`` ``"ok"`` or ``"error"``)."""
+    """The outcome for one image: ``status`` ``"ok"`` (``breed``, ``synset``, ``score`` name the
+    answer), ``"no_dog"`` or ``"uncertain"`` (those three are null; ``top_k`` is a hint for a
+    human) or ``"error"`` (``error_code``, ``error_message``). ``dog_score`` is the model's dog
+    score for every classified photo when the model has a dog check, else null."""
 
     bucket: str
     key: str
@@ -103,6 +111,24 @@ class ItemResult:
     score: float | None = None
     top_k: list[TopK] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    dog_score: float | None = None
+
+    @classmethod
+    def classified(cls, bucket: str, key: str, *, status: str, top_k: Iterable[TopK], dog_score: float | None = None,
+                   etag: str | None = None, version_id: str | None = None,
+                   timings_ms: dict[str, float] | None = None) -> "ItemResult":
+        """A photo the model answered: ``ok`` names its best breed; ``no_dog`` and ``uncertain``
+        keep ``breed``/``synset``/``score`` null and the top-k as a hint."""
+        if status not in _CLASSIFIED:
+            raise ValueError(f"a classified item's status is one of {_CLASSIFIED}, got {status!r}")
+        top_k = list(top_k)
+        if status == STATUS_OK and not top_k:
+            raise ValueError("an ok item needs its top-k breeds")
+        best = top_k[0] if status == STATUS_OK else None
+        return cls(bucket=bucket, key=key, etag=etag, version_id=version_id, status=status,
+                   breed=best.breed if best else None, synset=best.synset if best else None,
+                   score=best.score if best else None, top_k=top_k, timings_ms=dict(timings_ms or {}),
+                   dog_score=dog_score)
 
     @classmethod
     def success(
@@ -158,6 +184,7 @@ class ItemResult:
             "synset": self.synset,
             "score": _num(self.score, SCORE_DECIMALS, "score"),
             "top_k": [t.to_dict() for t in self.top_k],
+            "dog_score": _num(self.dog_score, SCORE_DECIMALS, "dog_score"),
         }
         if include_timings:
             d["timings_ms"] = {
@@ -181,6 +208,7 @@ class ItemResult:
             score=d.get("score"),
             top_k=[TopK.from_dict(t) for t in d.get("top_k") or []],
             timings_ms=dict(d.get("timings_ms") or {}),
+            dog_score=d.get("dog_score"),
         )
 
 
@@ -232,7 +260,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         version = d.get("schema_version")
-        if version != MANIFEST_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(f"unsupported manifest schema_version {version!r}")
         items = [ItemResult.from_dict(it) for it in d.get("items") or []]
         return cls(
@@ -282,10 +310,10 @@ def build_manifest(
     no wall-clock values (see the module docstring).
     """
     sorted_items = sorted(items, key=ItemResult.sort_key)
-    counts = {STATUS_OK: 0, STATUS_ERROR: 0}
+    counts = {status: 0 for status in _STATUSES}
     for it in sorted_items:
         if it.status not in _STATUSES:
-            raise ValueError(f"item {it.bucket}/{it.key}: status must be 'ok' or 'error', got {it.status!r}")
+            raise ValueError(f"item {it.bucket}/{it.key}: status must be one of {_STATUSES}, got {it.status!r}")
         counts[it.status] += 1
     return Manifest(
         schema_version=MANIFEST_SCHEMA_VERSION,

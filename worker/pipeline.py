@@ -231,13 +231,13 @@ class Pipeline:
         if not batch:
             return []
         started = time.perf_counter()
-        tops = self.classifier.classify(np.stack([f.pixels for f in batch]))
+        predictions = self.classifier.predict(np.stack([f.pixels for f in batch]))
         per_item = _ms(started) / len(batch)
         return [
-            ItemResult.success(f.ref.bucket, f.ref.key, breed=top[0].breed, synset=top[0].synset, score=top[0].score,
-                               top_k=[TopK(t.synset, t.breed, t.score) for t in top], etag=f.etag,
-                               version_id=f.version_id, timings_ms={**f.timings_ms, "infer": round(per_item, 3)})
-            for f, top in zip(batch, tops)
+            ItemResult.classified(f.ref.bucket, f.ref.key, status=p.status, dog_score=p.dog_score,
+                                  top_k=[TopK(t.synset, t.breed, t.score) for t in p.top_k], etag=f.etag,
+                                  version_id=f.version_id, timings_ms={**f.timings_ms, "infer": round(per_item, 3)})
+            for f, p in zip(batch, predictions)
         ]
 
 

@@ -22,7 +22,12 @@ ENV = {
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
     "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
+    "DOGBREEDS_DOG_CHECK": "0 to turn the model's dog check off (default 1: photos scoring below the artifact's "
+                           "dog threshold are answered no_dog)",
+    "DOGBREEDS_MIN_SCORE": "photos whose best breed score is below this (0..1) are answered uncertain (default: none)",
 }
+
+_OFF = ("0", "false", "no", "off")
 
 #: boto3 retries with exponential backoff and jitter (throttling, 5xx, connection errors).
 BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32)
@@ -39,6 +44,8 @@ class WorkerEnvironment:
     top_k: int
     jsonl: bool
     runtime: str = "auto"
+    dog_check: bool = True
+    min_score: float | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -52,6 +59,8 @@ class WorkerEnvironment:
             top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
             jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
             runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
+            dog_check=env.get("DOGBREEDS_DOG_CHECK", "1").strip().lower() not in _OFF,
+            min_score=float(env["DOGBREEDS_MIN_SCORE"]) if env.get("DOGBREEDS_MIN_SCORE", "").strip() else None,
         )
 
 

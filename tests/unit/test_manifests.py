@@ -58,13 +58,13 @@ def test_manifest_key_is_deterministic():
 
 def test_build_manifest_sorts_items_and_counts():
     m = build_manifest("job-1", "job", MODEL, items())
-    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 1
+    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 2
     assert [(it.bucket, it.key) for it in m.items] == [
         ("another-bucket", "z.jpg"), ("dog-photos", "a/1.jpg"), ("dog-photos", "a/broken.jpg"), ("dog-photos", "b/2.jpg"),
     ]
-    assert m.counts == {"ok": 3, "error": 1}
+    assert m.counts == {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0}
     doc = json.loads(m.to_json())
-    assert doc["counts"] == {"ok": 3, "error": 1}
+    assert doc["counts"] == {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0}
     assert doc["job_id"] == "job-1" and doc["source"] == "job" and doc["model"] == MODEL
 
 
@@ -81,7 +81,7 @@ def test_to_json_is_deterministic_regardless_of_item_order():
     # also when a Manifest is constructed directly with unsorted items
     unsorted = [items()[i] for i in (1, 3, 0, 2)]
     assert [(i.bucket, i.key) for i in unsorted] != sorted((i.bucket, i.key) for i in unsorted)
-    direct = Manifest(1, "job-1", "s3-event", MODEL, unsorted, {"ok": 3, "error": 1})
+    direct = Manifest(2, "job-1", "s3-event", MODEL, unsorted, {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0})
     assert direct.to_json() == a.to_json()
     # canonical form: sorted keys, compact separators
     text = a.to_json()
@@ -120,7 +120,7 @@ def test_to_json_has_no_wall_clock_fields():
     doc = json.loads(build_manifest("job-1", "job", MODEL, items()).to_json())
     assert set(doc) == {"schema_version", "job_id", "source", "model", "counts", "items"}
     assert set(doc["items"][0]) == {"bucket", "key", "etag", "version_id", "status", "error_code", "error_message",
-                                   "breed", "synset", "score", "top_k"}
+                                   "breed", "synset", "score", "top_k", "dog_score"}
 
 
 def test_to_jsonl_one_line_per_item():
@@ -169,7 +169,7 @@ def test_write_read_round_trip(s3):
     back = read_manifest(s3, BUCKET, key)
     assert back.to_json() == m.to_json()
     assert back.job_id == "job-1" and back.source == "s3-event" and back.model == MODEL
-    assert back.counts == {"ok": 3, "error": 1}
+    assert back.counts == {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0}
     assert [(it.key, it.status, it.breed, it.error_code) for it in back.items] == [
         (it.key, it.status, it.breed, it.error_code) for it in m.items
     ]
