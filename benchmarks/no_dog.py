@@ -1,8 +1,31 @@
-"""Placeholder: feature collection for the no-dog benchmark (filled in below)."""
+""""Is there a dog?" benchmark: the candidates for the dog check, measured on photos not used
+for fitting or choosing, and the calibration of the breed scores.
+
+For each model (``--configs``: the accuracy benchmark's EfficientNet-Lite0 transfer at 320 px and
+VGG16 transfer at 224 px, the ``fit`` default), trained on the 11-breed official split of
+``../shared/data/stanford-dogs-subset`` exactly as ``dogbreeds-train fit --not-dogs
+../shared/data/not-dogs`` does it (so with its temperature and its dog head):
+
+- (b) the dog head on the model's own pooled features (trainer.dog_check; what fit ships);
+- (a) EfficientNet-Lite0's genuine ImageNet head: its softmax mass on the 121 dog classes
+  (free on a Lite0 model; a second, Lite0 320 px, pass for VGG16);
+- (c) the breed softmax's maximum (calibrated) and the energy score ``logsumexp(logits)``.
+
+``../shared/data/not-dogs`` is split by trainer.not_dogs (per folder, sha256 order: 40% fit the
+dog head, 20% choose every candidate's threshold with the Stanford validation dogs, 40% test).
+Reported on the test part (objects, cats), the Stanford test split and ``dogs-outside-stanford``
+(never fitted on, never used to choose anything): photos answered no_dog. Also: the dog head
+refitted without each object class in turn, on that class's test photos (object kinds it never
+saw); ECE (15 bins) before / after temperature scaling and the risk-coverage table on the
+Stanford test split and on dogs-outside-stanford. ``--cost`` times the served model (OpenVINO
+int8, batch 16) without a check, with (b) and with (a).
+
+Features are cached (trainer.features; ``--cache-dir``, shared with benchmarks/accuracy.py)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -67,6 +90,7 @@ def outside_features(name: str, data_root: Path, common: dict):
     return features_mod.features_for(loaded.pixels, desc="outside features", **common)[0], loaded, outside
 
 
+@functools.lru_cache(maxsize=4)
 def stanford(name: str, data_root: Path, cache_dir: str, progress: bool = True):
     """The accuracy benchmark's 11-breed official split, prepared (features of train (+ its
     augmented copies), val, test; cached)."""
@@ -169,10 +193,15 @@ def evaluate_config(name: str, args, lite0: dict | None) -> dict:
     calibrated = {k: calibration.apply_temperature(v, temperature) for k, v in raw.items()}
     logits = {k: breed_logits(head_model, v) for k, v in sets.items()}
 
+    from trainer import dog_check
+
     head = load_dog_head(run_dir)
-    rows = [candidate_row("(b) dog head on own pooled features", "a dot product", {k: head.score(_pool(v)) for k, v in
-                                                                                    sets.items()}, groups,
-                          threshold=run["dog_check"]["threshold"])]
+    head_scores = {k: head.score(_pool(v)) for k, v in sets.items()}
+    rows = [candidate_row("(b) dog head on own pooled features (fit's threshold)", "a dot product", head_scores, groups,
+                          threshold=run["dog_check"]["threshold"]),
+            # the first threshold rule tried: the validation photos only, <= 1% of its 110 dogs
+            candidate_row("(b) same head, threshold from val only (<=1%)", "a dot product", head_scores, groups,
+                          threshold=dog_check.choose_threshold(head_scores["val_dogs"], head_scores["nd_val"], 0.01))]
     if lite0 is not None:
         second = name.startswith("vgg16")
         rows.append(candidate_row("(a) ImageNet head, mass on dog classes" + (" (Lite0 2nd pass, 320 px)" if second else ""),
@@ -212,6 +241,70 @@ def lite0_scores_features(args) -> dict:
             "nd_test": nd["test"][0]}
 
 
+def serving_cost(name: str, args, seconds: float = 15.0, rounds: int = 3) -> dict:
+    """Images/s of the served model (OpenVINO int8, as the worker serves it, batch 16) without a
+    dog check, with the dog head, and with the ImageNet dog mass (for VGG16: a second, Lite0,
+    pass): each exported, converted and quantised as publish does it (int8 calibrated on 64
+    photos), then timed in interleaved rounds (the machine is shared: interleaving spreads the
+    noise over all three)."""
+    import tempfile
+
+    import openvino as ov
+
+    from trainer import fast_runtimes, models, serving
+    from trainer.backbones import build_backbone
+    from worker import artifact, runtimes
+
+    family_name, size = CONFIGS[name]
+    family = models.get_family(family_name)
+    backbone, _ = build_backbone(family.backbone, weights="auto", input_shape=(size, size, 3))
+    dim = 512 if family.backbone == "vgg16" else 1280
+    hp = models.fixed_hyperparameters({})
+    head = models.build(family_name, hp, models.BuildContext(num_classes=11, input_shape=(size, size, 3),
+                                                             feature_shape=(dim,)))
+    inference = models.assemble_inference_model(family, head, backbone=backbone, preprocessing_choice="vgg",
+                                                 input_shape=(size, size, 3))
+    rng = np.random.default_rng(0)
+    dog_head = serving.DogHead(rng.normal(0, 0.01, dim).astype(np.float32), 0.0)
+    variants = {"no dog check": serving.served_model(inference, temperature=1.5),
+                "dog head (b)": serving.served_model(inference, temperature=1.5, dog_method="dog-head",
+                                                     dog_head=dog_head),
+                "ImageNet dog mass (a)": serving.served_model(inference, temperature=1.5,
+                                                              dog_method="imagenet-dog-mass",
+                                                              backbone=family.backbone)}
+    photos = rng.integers(0, 256, (64, size, size, 3)).astype(np.uint8)
+    from trainer import not_dogs
+
+    root = Path(args.data_root) / "not-dogs"
+    real, _ = not_dogs.load_pixels(root, [p.relative_path for p in not_dogs.find_not_dogs(root)][::25][:64], size,
+                                   progress=False)
+    photos = real if len(real) else photos
+    compiled = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, model in variants.items():
+            saved = Path(tmp) / key.replace(" ", "_")
+            artifact.export_saved_model(model, saved)
+            int8 = fast_runtimes.quantize_int8(ov.convert_model(str(saved)), photos)
+            xml = saved / "int8.xml"
+            ov.save_model(int8, str(xml), compress_to_fp16=False)
+            compiled[key] = runtimes.load_openvino_model(xml, "int8")
+    batch = photos[:16].astype(np.float32)
+    done = {k: 0 for k in compiled}
+    spent = {k: 0.0 for k in compiled}
+    for predict in compiled.values():
+        predict(batch)  # warm-up
+    for _ in range(rounds):
+        for key, predict in compiled.items():
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds / rounds:
+                predict(batch)
+                done[key] += len(batch)
+            spent[key] += time.perf_counter() - started
+    rate = {k: done[k] / spent[k] for k in compiled}
+    base = rate["no dog check"]
+    return {k: {"images_per_s": round(v, 2), "vs_without": round(v / base, 3)} for k, v in rate.items()}
+
+
 def print_table(results: list[dict]) -> None:
     print(f"\n{'model':<10} {'candidate':<52} {'thresh':>7} {'objects':>8} {'cats':>6} {'lost st.':>8} "
           f"{'lost out':>8}  cost")
@@ -243,6 +336,8 @@ def main() -> None:
                         help="Feature cache (shared with benchmarks/accuracy.py when given the same folder).")
     parser.add_argument("--runs", default=str(ROOT / ".cache" / "no-dog-runs"), help="Where run folders go.")
     parser.add_argument("--features-only", action="store_true", help="Only compute (cache) the features.")
+    parser.add_argument("--cost", action="store_true",
+                        help="Only measure the serving cost of each candidate (OpenVINO int8 images/s, batch 16).")
     parser.add_argument("--json", action="store_true", help="Print the results as one JSON list.")
     parser.add_argument("--out", help="Also write the JSON results to this file.")
     args = parser.parse_args()
@@ -253,6 +348,12 @@ def main() -> None:
             print(name, not_dog_features(name, Path(args.data_root), common)[0].shape, flush=True)
             print(name, outside_features(name, Path(args.data_root), common)[0].shape, flush=True)
             print(name, stanford(name, Path(args.data_root), args.cache_dir).x_test.shape, flush=True)
+        return
+    if args.cost:
+        costs = {name: serving_cost(name, args) for name in names}
+        if args.out:
+            Path(args.out).write_text(json.dumps(costs, indent=1))
+        print(json.dumps(costs, indent=1))
         return
     lite0 = lite0_scores_features(args)
     results = []

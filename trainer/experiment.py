@@ -172,7 +172,8 @@ def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, 
     evaluation = evaluate_run(prepared, result.model, run_dir)
     from trainer import scoring
 
-    scores = scoring.fit_scoring(prepared, result.model, run_dir)
+    scores = scoring.fit_scoring(prepared, result.model, run_dir, hp_values=hp.values,
+                                 epochs=max((p["best_epoch"] for p in result.phases if p["phase"] == "head"), default=0))
     run = {
         "config": asdict(config),
         "family": config.model,
