@@ -203,11 +203,12 @@ def dog_check_artifact(tmp_path_factory) -> dict:
 
     keras.utils.set_random_seed(0)
     x, y = colour_data(20)
-    frozen = keras.Sequential([
-        keras.Input((FAST_SIZE, FAST_SIZE, 3)), build_preprocessing("vgg", "vgg16"),
-        keras.layers.Conv2D(8, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(16, 3, padding="same", activation="relu"), global_pooling("gem"),
-    ], name="tiny_to_conv_gem")
+    # functional, as trainer.models.frozen_part builds it (its own `output` is not the outer graph's)
+    pixels = keras.Input((FAST_SIZE, FAST_SIZE, 3))
+    h = build_preprocessing("vgg", "vgg16")(pixels)
+    h = keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(8, 3, padding="same", activation="relu")(h))
+    h = global_pooling("gem")(keras.layers.Conv2D(16, 3, padding="same", activation="relu")(h))
+    frozen = keras.Model(pixels, h, name="tiny_to_conv_gem")
     head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="relu"),
                              keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax", name="breed")],
                             name="transfer_head")

@@ -178,10 +178,11 @@ def fit_dog_check(prepared, run_dir: Path, method: str = "auto") -> dict:
     return {"method": "dog-head",
             "description": "logistic dog/not-dog head on the model's pooled backbone features (same forward pass)",
             "threshold": threshold,
-            "threshold_rule": f"keep >= {1 - dog_check.MAX_DOG_LOSS:.1%} of the held-out dogs (the validation split's "
-                              f"{len(dogs_val)} and the train split's {n}, scored by {dog_check.CROSS_FIT_FOLDS} heads "
-                              "cross-fitted without them), midway to the highest-scoring not-dog (val part and "
-                              "cross-fitted fit part) below them",
+            "threshold_rule": f"middle of the gap between the held-out dogs' {dog_check.MAX_DOG_LOSS:.1%} lower tail "
+                              f"and the held-out not-dogs' {dog_check.MAX_NOT_DOG_PASS:.0%} upper tail (dogs: the "
+                              f"validation split's {len(dogs_val)} and the train split's {n} scored by "
+                              f"{dog_check.CROSS_FIT_FOLDS} heads cross-fitted without them; not-dogs: the val part "
+                              "and the cross-fitted fit part)",
             "fit": {**chosen, "dogs": "train split (with its augmented copies)",
                     "not_dogs": f"{folder} fit part ({len(nd['split'].fit)} photos)"},
             "not_dog_split": {"source": str(folder), "rule": not_dogs.RULE, **nd["split"].counts()},
@@ -202,8 +203,8 @@ def _imagenet_dog_mass(prepared) -> dict:
     threshold = dog_check.choose_threshold(dogs_val, nd_val)
     out = {"method": "imagenet-dog-mass", "threshold": threshold,
            "description": "EfficientNet-Lite0's ImageNet 1000-way head: softmax mass on the 121 dog classes",
-           "threshold_rule": f"validation photos: keep >= {1 - dog_check.MAX_DOG_LOSS:.1%} of the dogs, midway to the "
-                             "highest-scoring not-dog below them",
+           "threshold_rule": f"validation photos: middle of the gap between the dogs' {dog_check.MAX_DOG_LOSS:.1%} "
+                             f"lower tail and the not-dogs' {dog_check.MAX_NOT_DOG_PASS:.0%} upper tail",
            "val": dog_check.measure(dogs_val, nd_val, nd["val"][1] if nd else [], threshold).to_dict()}
     if nd:
         out["test"] = dog_check.measure(dogs_test, imagenet.dog_mass(nd["test"][0]), nd["test"][1], threshold).to_dict()

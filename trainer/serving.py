@@ -92,7 +92,9 @@ def pooled_features(inference: keras.Model):
 
     for layer in inference.layers:
         if isinstance(layer, keras.Model) and "_to_" in layer.name:
-            out = layer.output
+            # the tensor of its call in THIS graph: a functional model's own ``output`` is the one
+            # inside it, not connected to the inference model's input
+            out = layer._inbound_nodes[0].output_tensors[0]
             return out if len(out.shape) == 2 else global_pooling("gem", layer_name="dog_features_gem")(out)
     return None
 

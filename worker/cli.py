@@ -38,8 +38,6 @@ def _load_classifier(model_uri: str, top_k: int, **kw):
         return Classifier.load(model_uri, top_k=top_k, **kw)
     except ArtifactError as error:
         raise click.ClickException(f"refusing to serve {model_uri}: ArtifactError: {error}") from error
-    except ValueError as error:  # e.g. a min score outside [0, 1]
-        raise click.ClickException(str(error)) from error
 
 
 def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
