@@ -97,7 +97,7 @@ def test_a_redelivered_message_overwrites_one_manifest_with_identical_content(st
     assert first == second
     after = manifests_in(s3)
     assert set(after) - set(before) == {"manifests/job-42.json"}
-    assert json.loads(first)["counts"] == {"ok": 3, "error": 0}
+    assert json.loads(first)["counts"] == {"ok": 3, "error": 0, "no_dog": 0, "uncertain": 0}
 
 
 def test_a_malformed_message_goes_to_the_dlq_and_others_are_unaffected(stack, colour_artifact):
