@@ -61,7 +61,11 @@ def manifest_jsonl(items: list[dict], job_id: str = "job-2") -> str:
 
 
 # Text a manifest may hold: any Unicode but lone surrogates (S3 keys and JSON from the worker are UTF-8).
-texts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+#: Fragments that break HTML/JS when not escaped, mixed into the generated text.
+HOSTILE = ["</script>", "<script>", "<!--", "-->", "</SCRIPT ", "<img src=x onerror=alert(1)>", "&amp;", "&", "\"",
+           "'", "`", "\u2028", "\u2029", "\\", "\n", "\r", "\x00", "${x}", "]}", "</style>", "</title>"]
+texts = st.lists(st.sampled_from(HOSTILE) | st.text(st.characters(blacklist_categories=("Cs",)), min_size=1,
+                                                  max_size=12), min_size=1, max_size=5).map("".join)
 scores = st.floats(0, 1, allow_nan=False)
 statuses = st.sampled_from(["ok", "error", "no_dog", "uncertain", "something_new"])
 
