@@ -7,8 +7,8 @@ import sys
 import keras
 from tqdm.auto import tqdm
 
-#: Shown beside the bar, in this order, when Keras reports them.
-SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy")
+#: Shown beside the bar (Keras name -> short label), in this order, when Keras reports them.
+SHOWN = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc"}
 
 
 def resolve_progress(progress: str, stream=sys.stderr) -> str:
@@ -36,7 +36,8 @@ class EpochBar(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.bar.n = epoch + 1
-        self.bar.set_postfix({k: f"{logs[k]:.3f}" for k in SHOWN if logs and k in logs}, refresh=False)
+        self.bar.set_postfix({label: f"{logs[k]:.3f}" for k, label in SHOWN.items() if logs and k in logs},
+                             refresh=False)
         self.bar.refresh()
 
     def on_train_end(self, logs=None):

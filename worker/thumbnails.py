@@ -76,7 +76,11 @@ class PhotoFetcher:
         request = {"Bucket": item.bucket, "Key": item.key}
         if item.version_id:
             request["VersionId"] = item.version_id
-        return self.s3.get_object(**request)["Body"].read()
+        body = self.s3.get_object(**request)["Body"]
+        try:
+            return body.read(self.max_bytes + 1)  # a huge object is refused without reading it whole
+        finally:
+            body.close()
 
     def url(self, item: ManifestItem) -> str:
         if item.photo_is_local:

@@ -35,5 +35,5 @@ def test_the_bar_counts_the_epochs_keras_ran(patience, stops_early, capsys):
     assert bar.bar.n == len(history.history["loss"])
     assert (bar.bar.n < 12) == stops_early
     err = capsys.readouterr().err
-    assert "loss=" in err and "accuracy=" in err
+    assert "loss=" in err and "acc=" in err
     assert ("(stopped early)" in err) == stops_early

@@ -53,6 +53,9 @@
       img.loading = "lazy";
       img.decoding = "async";
       img.alt = it.key;
+      img.addEventListener("error", function () {  // a --link URL that expired or a file that is gone
+        img.replaceWith(el("div", "ph", "photo did not load"));
+      });
       img.src = it.thumb;
       fig.appendChild(img);
     } else {
