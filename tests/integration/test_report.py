@@ -103,7 +103,10 @@ def test_a_source_without_manifests_is_a_one_line_error(tmp_path):
 
 
 def chromium_path() -> str | None:
-    path = os.environ.get("DOGBREEDS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    """DOGBREEDS_CHROMIUM when set (only it), else chromium on the PATH."""
+    path = os.environ.get("DOGBREEDS_CHROMIUM")
+    if path is None:
+        path = shutil.which("chromium") or shutil.which("chromium-browser")
     return path if path and os.access(path, os.X_OK) else None
 
 
@@ -114,15 +117,24 @@ def skip_without(reason: str):
     pytest.skip(reason)
 
 
-def test_the_report_in_chromium(small_run, tmp_path):
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser, checked before the (slow) small run is made."""
     browser = chromium_path()
     if browser is None:
         skip_without("no chromium to run the report in: install Debian's chromium (apt-get install chromium; "
                      ".ci/run does) or set DOGBREEDS_CHROMIUM to a Chromium binary")
     try:
-        from playwright import sync_api
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         skip_without("Playwright for Python is not installed (the 'test' extra)")
+    return browser
+
+
+def test_the_report_in_chromium(chromium, small_run, tmp_path):
+    from playwright import sync_api
+
+    browser = chromium
     out = tmp_path / "report.html"
     result = CliRunner().invoke(main, ["report", "s3://photos/manifests/", "--out", str(out), "--page-size", "10",
                                        "--title", "dogbreeds report: a small test run"])
