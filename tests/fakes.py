@@ -134,7 +134,7 @@ class MemoryS3:
         self.versioned = versioned
         self.objects: dict[tuple[str, str], list[Version]] = {}
         self.lock = threading.Lock()
-        self.reads: Counter = Counter()  # (bucket, key) -> get_object calls
+        self.reads: Counter = Counter()  # (bucket, key, version id asked for) -> get_object calls
         self.get_faults: dict[tuple[str, str], BaseException] = {}
         self.put_faults: dict[tuple[str, str], BaseException] = {}
         self.list_faults: dict[str, BaseException] = {}
@@ -158,7 +158,7 @@ class MemoryS3:
 
     def get_object(self, Bucket, Key, VersionId=None, IfMatch=None, **kw):  # noqa: N803
         with self.lock:
-            self.reads[(Bucket, Key)] += 1
+            self.reads[(Bucket, Key, VersionId)] += 1
             fault = self.get_faults.get((Bucket, Key))
             versions = list(self.objects.get((Bucket, Key), ()))
         if fault is not None:

@@ -24,8 +24,8 @@ What a request gets, photo by photo (one photo's fault never touches another pho
   traceback, recorded instead of retried for ever);
 * a *failure* (``Answer.failure``) for what a later try may change: throttling, 5xx and
   connection errors that boto3's own retries did not absorb, ``MemoryError`` while decoding,
-  an inference that fails for this photo even alone (a micro-batch whose inference raises is
-  retried photo by photo first). A failure is never written as an item: the messages naming
+  an inference that fails for this photo alone too (a micro-batch whose inference raises is
+  retried photo by photo, once). A failure is never written as an item: the messages naming
   the photo are left in the queue and retried.
 """
 
@@ -341,9 +341,10 @@ class Pipeline:
             for future in pending:
                 future.cancel()
 
-    def _infer(self, batch: list[tuple[Fetched, list[PhotoRequest]]]) -> list[Answer]:
-        """Infer a micro-batch; if that raises, each photo alone; a photo that fails alone fails
-        the messages naming it (a retry), never an item: its pixels decoded fine."""
+    def _infer(self, batch: list[tuple[Fetched, list[PhotoRequest]]], retry: bool = True) -> list[Answer]:
+        """Infer a micro-batch; if that raises, each photo once more alone; a photo whose
+        inference fails alone too fails the messages naming it (a retry), never an item: its
+        pixels decoded fine."""
         if not batch:
             return []
         started = time.perf_counter()
@@ -352,10 +353,10 @@ class Pipeline:
             if len(tops) != len(batch):
                 raise RuntimeError(f"the model answered {len(tops)} photos of {len(batch)}")
         except Exception as error:  # noqa: BLE001 - MemoryError and runtime errors included
-            if len(batch) > 1:
-                log.warning("inference of a micro-batch failed: retrying photo by photo",
+            if retry:
+                log.warning("inference failed: retrying photo by photo",
                             extra={"photos": len(batch), "reason": f"{type(error).__name__}: {error}"})
-                return [answer for one in batch for answer in self._infer([one])]
+                return [answer for one in batch for answer in self._infer([one], retry=False)]
             fetched, group = batch[0]
             log.warning("inference of one photo failed: its messages will be retried",
                         extra={"bucket": fetched.ref.bucket, "key": fetched.ref.key,
