@@ -27,8 +27,8 @@ Queue bookkeeping:
 * An exception that escapes the classification of a batch (a bug) hands that batch back for a
   retry; a failed receive is retried with a backoff: neither stops the poller.
 
-The loop is one step per received batch (``_step``), with the stop checked before any new work
-is taken: a time limit can be added there.
+The stop is checked before any new work is taken (a receive, a classification): a deadline
+can be checked at the same places.
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ class Poller:
         self._stopping = threading.Event()
         self._wake = threading.Event()  # set by stop() and by a receive coming back
         self.in_flight = InFlight()
+        self.handed_back = 0  # messages received but never started, given back (visible at once)
 
     def stop(self, *_args) -> None:
         """Finish the batch in hand, then return from run()."""
@@ -316,7 +317,7 @@ class Poller:
                     summary.receives += 1
                     claimed += len(received)
                     if self.stopping:  # received after the stop: hand back at once, not classified
-                        summary.handed_back += self.release(received)
+                        self.release(received)
                         break
                     if not received:
                         if s.until_empty:
@@ -340,24 +341,25 @@ class Poller:
             finally:
                 settle(finishing)
                 if upcoming is not None:  # received ahead but not started: hand back, waiting at most the grace
-                    summary.handed_back += self._hand_back_upcoming(upcoming)
+                    self._hand_back_upcoming(upcoming)
+        summary.handed_back = self.handed_back
         summary.seconds = round(time.perf_counter() - started, 3)
         logger.info("poller stopped", extra={"summary": summary.__dict__})
         return summary
 
-    def _hand_back_upcoming(self, upcoming: Future) -> int:
+    def _hand_back_upcoming(self, upcoming: Future) -> None:
         try:
             received = upcoming.result(timeout=self.settings.stop_grace_seconds)
         except FutureTimeout:
             logger.info("a receive is still in flight: its thread hands back what it gets")
             self.stop()  # so that it does
-            return 0
+            return
         except Exception as error:  # noqa: BLE001 - nothing received, nothing to hand back
             logger.warning("the receive ahead failed", extra={"reason": str(error)})
-            return 0
+            return
         finally:
             self.pipeline.discard_prefetched()
-        return self.release(received)
+        self.release(received)
 
     def _classify_or_hand_back(self, received: list[dict]) -> ClassifiedBatch | None:
         """Classify a batch; if that raises (a bug: classify_messages isolates every expected
@@ -408,6 +410,7 @@ class Poller:
         handles = {m["MessageId"]: m["ReceiptHandle"] for m in received}
         self.in_flight.discard(handles)
         self._hand_back(handles, list(handles), 0)
+        self.handed_back += len(handles)
         logger.info("handed back messages received but not started", extra={"messages": len(handles)})
         return len(handles)
 

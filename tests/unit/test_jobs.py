@@ -125,3 +125,27 @@ def test_every_manifest_of_an_overlapping_batch_lists_its_own_photos_with_their_
         for item in doc.items:
             pixels = images.load_image(s3.current("photos", item.key).body, size=(8, 8))
             assert item.status == "ok" and item.breed == label_of(pixels)[0].breed, (message.message_id, item.key)
+
+
+class PoisonPipeline(StubPipeline):
+    """Raises (a bug outside the per-photo isolation) whenever it is asked for poison.png."""
+
+    def __init__(self, s3):
+        super().__init__(s3)
+        self.calls = []
+
+    def answer(self, requests):
+        self.calls.append(sorted({r.message_id for r in requests}))
+        if any(r.ref.key == "poison.png" for r in requests):
+            raise RuntimeError("a bug")
+        return super().answer(requests)
+
+
+def test_an_exception_in_the_shared_classification_fails_only_the_messages_whose_own_classification_raises():
+    s3 = SlowS3()
+    poisoned = QueuedMessage("m-poison", json.dumps({"job_id": "p", "bucket": "photos", "keys": ["poison.png"]}))
+    pipeline = PoisonPipeline(s3)
+    outcome = process_messages([job_message(0), poisoned, job_message(1)], pipeline, OutputSettings())
+    assert outcome.failed_ids == ["m-poison"] and outcome.succeeded_ids == ["m0", "m1"]
+    assert pipeline.calls[0] == ["m-poison", "m0", "m1"]  # one shared pass first, then message by message
+    assert sorted(s3.keys) == ["manifests/job-0.json", "manifests/job-1.json"]

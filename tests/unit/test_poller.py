@@ -241,6 +241,7 @@ def test_a_batch_received_after_a_stop_is_handed_back_not_classified():
     assert log.of("classify-start") == [] and sqs.deleted == []
     assert sorted(sqs.visibility) == [("r0", 0), ("r1", 0)]  # handed back at once
     assert poller.in_flight.snapshot() == [] and seen["summary"].messages == 0
+    assert seen["summary"].handed_back == 2
 
 
 def test_stop_does_not_wait_for_a_long_poll_beyond_the_grace():
@@ -358,3 +359,19 @@ def test_a_failed_receive_is_retried():
     sqs.receive_message = receive_failing_once
     summary = poller.run()
     assert sorted(sqs.deleted) == ["r0", "r1"] and summary.succeeded == 2
+
+
+def test_the_batch_received_ahead_is_handed_back_even_when_run_is_interrupted():
+    def interrupted(n, keys):
+        assert sqs.received[1].wait(WAIT)  # the receive ahead came back
+        raise KeyboardInterrupt  # e.g. SIGINT without the poller's handlers
+
+    poller, sqs, s3, pipeline, log = make(3, during=interrupted)
+    try:
+        poller.run()
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("run() swallowed a KeyboardInterrupt")
+    assert ("r2", 0) in sqs.visibility and ("r3", 0) in sqs.visibility
+    assert not sqs.deleted and len(sqs.batches) == 1
