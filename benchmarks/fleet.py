@@ -224,7 +224,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / ".cache" / "throughput"),
                         help="Working folder (the default model is made or found here; poller logs go to fleet/).")
     parser.add_argument("--pollers", default="1,2,4", help="Comma-separated numbers of pollers to run, in turn.")
-    parser.add_argument("--photos", type=int, default=192, help="Photos (one S3 event each) per run.")
+    parser.add_argument("--photos", type=int, default=384, help="Photos (one S3 event each) per run.")
     parser.add_argument("--threads", default="auto",
                         help="Inference threads per poller (DOGBREEDS_THREADS); auto: this process's CPUs / pollers, "
                              "at least 1.")
@@ -269,6 +269,27 @@ def main() -> None:
               f"{r['identical_rewrites']:>9} {r['differing_rewrites']:>9} {r['lost']:>4} {r['duplicated']:>10} "
               f"{r['dead_lettered']:>13} {r['left_in_queue']:>4} {r['renewals']:>8} {r['hand_backs']:>10} "
               f"{r['peak_rss_mb']:>11.0f}")
+    print("\n" + "\n".join(verdicts(rows, cpus)))
+
+
+def verdicts(rows: list[dict], cpus: int) -> list[str]:
+    """The targets, each with what was measured: nothing lost or left, every extra completion an
+    identical rewrite, images/s not falling once the pollers fill the CPUs (within 10%)."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT MET"
+
+    lost = sum(r["lost"] + r["left_in_queue"] + r["dead_lettered"] for r in rows)
+    extra = sum(r["extra_completions"] for r in rows)
+    differing = sum(r["differing_rewrites"] for r in rows)
+    full = [r for r in rows if r["pollers"] * r["threads_per_poller"] >= cpus and r["img_s"]]
+    best = max((r["img_s"] for r in full), default=None)
+    flat = all(r["img_s"] >= 0.9 * best for r in full) if best else None
+    rates = ", ".join(f"{r['pollers']}: {r['img_s']:.2f}" for r in full)
+    return [f"target 0 lost: {mark(lost == 0)} ({lost} lost, left in the queue or dead-lettered)",
+            f"target every extra completion an identical rewrite: {mark(differing == 0)} ({extra} extra completions, "
+            f"{differing} rewrote their manifest with different bytes)",
+            "target images/s flat once the CPUs are full: " + ("-" if flat is None else
+            f"{mark(flat)} (pollers: images/s {rates})")]
 
 
 if __name__ == "__main__":

@@ -261,6 +261,9 @@ def print_table(rows: list[dict], *, model: str, path: Path) -> None:
         for key, mode in dict.fromkeys((r["runtime_key"], r["messages"]) for r in ratios):
             by_pin = {r["pinned"]: r["ratio"] for r in ratios if (r["runtime_key"], r["messages"]) == (key, mode)}
             print(f"{key:<15} {mode:>8} {fmt(by_pin.get(False), '.3f'):>17} {fmt(by_pin.get(True), '.3f'):>15}")
+        pinned_ratios = [r["ratio"] for r in ratios if r["pinned"]]
+        print(f"target pinned e2e/bare >= 0.9 for every runtime and message kind: "
+              f"{'met' if min(pinned_ratios) >= 0.9 else 'NOT MET'} (lowest {min(pinned_ratios):.3f})")
     agreement = [r for r in rows if "top1_agreement" in r]
     if agreement:
         print(f"\n{'runtime':<15} {'prec':<5} {'photos':>6} {'top-1 agreement':>15} {'fp32 top-1':>10} {'top-1':>7}")
