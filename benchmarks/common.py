@@ -484,6 +484,16 @@ def count_objects(s3, bucket: str, prefix: str) -> int:
                s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix))
 
 
+def manifest_items(s3, bucket: str, prefix: str) -> list[str]:
+    """The photo keys listed by every manifest under ``prefix`` (one entry per listing)."""
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            document = json.loads(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())
+            keys += [entry["key"] for entry in document.get("items", [])]
+    return keys
+
+
 def wait_for_messages(sqs, queue_url: str, expected: int, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while True:
@@ -528,7 +538,7 @@ def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path],
 
     s3, sqs = boto3.client("s3"), boto3.client("sqs")
     stack = create_stack(s3, sqs, bucket=f"bench-{run_id}", queue=f"bench-{run_id}")
-    _, expected_messages = fill_queue(s3, sqs, stack, photos, mode, job_size)
+    keys, expected_messages = fill_queue(s3, sqs, stack, photos, mode, job_size)
     argv = ["run", "--model", model, "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "1",
             "--batch-size", str(batch), "--runtime", runtime, "--output-prefix", "manifests", *worker_args]
     moto_cpu = cpu_seconds(server.process.pid)
@@ -543,6 +553,9 @@ def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path],
     written = count_objects(s3, stack.bucket, "manifests/")
     if written != expected_messages:
         raise RuntimeError(f"the worker wrote {written}/{expected_messages} manifests")
+    listed = manifest_items(s3, stack.bucket, "manifests/")
+    if sorted(listed) != sorted(keys):
+        raise RuntimeError(f"the manifests list {len(listed)} photos for the {len(keys)} sent")
     images = len(photos)
     first, last = result["first_receive"], max(t for t, _, _ in manifests)
     return {"e2e_img_s": round(images / (last - first), 2),

@@ -57,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     fill_queue,
     loadavg,
     log,
+    manifest_items,
     parse_result,
     repeat_to,
     sample_photos,
@@ -107,13 +108,7 @@ def manifest_versions(s3, bucket: str, prefix: str, evidence: Path | None = None
 
 def manifest_entries(s3, bucket: str, prefix: str) -> Counter:
     """Photo key -> manifests (latest versions) that list it."""
-    entries: Counter = Counter()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for item in page.get("Contents", []):
-            document = json.loads(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())
-            for entry in document.get("items", []):
-                entries[entry["key"]] += 1
-    return entries
+    return Counter(manifest_items(s3, bucket, prefix))
 
 
 def drain_count(sqs, queue_url: str) -> int:
