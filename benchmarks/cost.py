@@ -385,7 +385,10 @@ def main() -> None:
         built = subprocess.run(child, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True)
         artifacts[label] = Path(built.stdout.strip().splitlines()[-1])
 
-    plan = machine_pin_plan()
+    try:
+        plan = machine_pin_plan()
+    except ValueError as error:
+        sys.exit(f"images/s per vCPU needs the worker on a CPU of its own, away from the S3/SQS server: {error}")
     log(f"pinning: {plan.describe()}")
     photos = repeat_to(sample_photos(), args.photos)
     settings = hashlib.sha256(json.dumps([args.photos, args.seconds, BATCH, sorted(plan.server),
