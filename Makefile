@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test lint bench bench-accuracy bench-report report-screenshot clean check-infra container container-test soak
+.PHONY: install demo test lint bench bench-accuracy bench-fleet bench-cost bench-report report-screenshot clean check-infra container container-test soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ bench: $(STAMP)
 
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py
+
+bench-fleet: $(STAMP)
+	$(BIN)/python benchmarks/fleet.py
+
+bench-cost: $(STAMP)
+	$(BIN)/python benchmarks/cost.py
 
 bench-report: $(STAMP)
 	$(BIN)/python benchmarks/report_size.py
