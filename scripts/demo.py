@@ -8,10 +8,10 @@
 4. drop the held-out sample photos (official test split) into ``incoming/``;
 5. ``dogbreeds-worker run --until-empty`` drains the queue and writes one manifest per photo
    (its JSON logs go to ``demo-output/worker.log``; the terminal shows a progress bar);
-6. print the manifests as a table, true breed beside prediction;
-7. ``dogbreeds-worker report`` writes ``demo-output/report.html`` (one static page: summary,
+6. ``dogbreeds-worker report`` writes ``demo-output/report.html`` (one static page: summary,
    breeds, scores, every photo with its label) and ``export`` writes ``demo-output/labels.csv``;
-   then stop the server.
+   stop the server;
+7. print the manifests as a table, true breed beside prediction, and the report's path.
 
 It runs the same console commands a user would."""
 
@@ -44,6 +44,7 @@ def run_logged(*args: str, env: dict, log: Path, done, total: int) -> None:
     from tqdm import tqdm
 
     print(f"\n$ {' '.join(args)}   (logs: {log.relative_to(ROOT)})", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle, tqdm(total=total, desc=args[1], unit="photo") as bar:
         process = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env, stdout=handle,
                                    stderr=subprocess.STDOUT)
@@ -109,25 +110,24 @@ def main() -> None:
                 items += json.loads(s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read())["items"]
         dead = sqs.get_queue_attributes(QueueUrl=stack.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
 
-        print(f"\n{'photo (s3://' + stack.bucket + '/incoming/...)':<40} {'true breed':<22} {'predicted':<22} score")
-        correct = 0
-        for item in sorted(items, key=lambda i: i["key"]):
-            true = item["key"].split("/")[1].split("-", 1)[1].replace("_", " ")
-            predicted = item["breed"] if item["status"] == "ok" else f"ERROR {item['error_code']}"
-            correct += predicted == true
-            mark = "" if predicted == true else "  <- wrong"
-            print(f"{item['key'].split('/')[-1]:<40} {true:<22} {predicted:<22} {item.get('score') or 0:.2f}{mark}")
-        print(f"\n{len(items)} photos in manifests ({len(test_photos)} uploaded), "
-              f"dead-lettered messages: {dead['Attributes']['ApproximateNumberOfMessages']}")
-        print(f"held-out accuracy: {correct}/{len(items)} = {correct / max(1, len(items)):.1%}")
-
         manifests = f"s3://{stack.bucket}/manifests/"
         run("dogbreeds-worker", "report", manifests, "--out", str(out / "report.html"),
             "--title", "dogbreeds demo: held-out sample photos", env=env)
         run("dogbreeds-worker", "export", manifests, "--out", str(out / "labels.csv"), env=env)
 
-    print(f"\ndemo took {time.perf_counter() - started:.0f}s; worker logs: {out / 'worker.log'}")
-    print(f"report: {out / 'report.html'}")
+    print(f"\n{'photo (s3://' + stack.bucket + '/incoming/...)':<40} {'true breed':<22} {'predicted':<22} score")
+    correct = 0
+    for item in sorted(items, key=lambda i: i["key"]):
+        true = item["key"].split("/")[1].split("-", 1)[1].replace("_", " ")
+        predicted = item["breed"] if item["status"] == "ok" else f"ERROR {item['error_code']}"
+        correct += predicted == true
+        mark = "" if predicted == true else "  <- wrong"
+        print(f"{item['key'].split('/')[-1]:<40} {true:<22} {predicted:<22} {item.get('score') or 0:.2f}{mark}")
+    print(f"\n{len(items)} photos in manifests ({len(test_photos)} uploaded), "
+          f"dead-lettered messages: {dead['Attributes']['ApproximateNumberOfMessages']}")
+    print(f"held-out accuracy: {correct}/{len(items)} = {correct / max(1, len(items)):.1%}; "
+          f"demo took {time.perf_counter() - started:.0f}s")
+    print(f"worker logs: {out / 'worker.log'}; labels: {out / 'labels.csv'}\nreport: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def read_csv_rows(text: str) -> list[dict]:
     return rows
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(manifest_items(), max_size=6))
 def test_csv_rows_read_back_exactly(items):
     out = io.StringIO(newline="")

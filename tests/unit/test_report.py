@@ -227,6 +227,7 @@ def test_an_exception_while_building_leaves_no_partial_page(tmp_path):
 
 
 # --------------------------------------------------------------------------- scale
+@pytest.mark.slow
 def test_ten_thousand_photos_build_streaming_in_bounded_memory(tmp_path):
     """Not a timing: the page of 10,000 photos with ~4 KB thumbnails is ~40 MB, and building it
     must never hold them all (peak traced memory stays a fraction of the page)."""
