@@ -27,14 +27,18 @@ _PREFIX_KEYS = ("level", "location", "message", "timestamp", "service", "samplin
                 "cold_start", "function_name", "function_memory_size", "function_arn", "function_request_id")
 
 
+_TRACE_KEYS = ("exception", "exception_name", "stack_trace")
+
+
 class TextFormatter(LambdaPowertoolsFormatter):
     """``HH:MM:SS LEVEL   message  key=value ...``: Powertools' keys and extras, one line."""
 
     def serialize(self, log: dict[str, Any]) -> str:
         stamp = time.strftime("%H:%M:%S")
-        extras = " ".join(f"{k}={_text(v)}" for k, v in log.items() if k not in _PREFIX_KEYS)
+        extras = " ".join(f"{k}={_text(v)}" for k, v in log.items() if k not in _PREFIX_KEYS + _TRACE_KEYS)
         line = f"{stamp} {str(log.get('level', '')):<7} {log.get('message', '')}"
-        return f"{line}  {extras}" if extras else line
+        line = f"{line}  {extras}" if extras else line
+        return f"{line}\n{log['exception']}" if log.get("exception") else line  # the traceback as Python prints it
 
 
 def _text(value: Any) -> str:

@@ -52,6 +52,18 @@ def test_text_lines_keep_the_message_and_every_extra_key():
     assert "service=" not in line and "location=" not in line
 
 
+def test_an_exception_is_followed_by_its_traceback():
+    stream = io.StringIO()
+    log = Logger(service="t-exc", stream=stream, logger_formatter=TextFormatter(service="t-exc"))
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.exception("batch failed", extra={"job_id": "j1"})
+    first, *rest = stream.getvalue().rstrip("\n").split("\n")
+    assert first.endswith("batch failed  job_id=j1")
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ZeroDivisionError: division by zero"
+
+
 @pytest.fixture
 def restore_worker_logger(monkeypatch):
     monkeypatch.delenv("POWERTOOLS_METRICS_DISABLED", raising=False)
