@@ -22,6 +22,7 @@ ENV = {
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
     "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
+    "DOGBREEDS_LOG_FORMAT": "auto (default: text on a terminal, JSON otherwise), json or text",
 }
 
 #: boto3 retries with exponential backoff and jitter (throttling, 5xx, connection errors).
