@@ -27,6 +27,7 @@ from botocore.exceptions import ClientError
 
 from worker import images
 from worker.classifier import Classifier
+from worker.decode_budget import DecodeBudget
 from worker.manifests import ItemResult, TopK
 from worker.messages import ImageRef
 
@@ -47,6 +48,9 @@ class PipelineSettings:
     download_threads: int = 8
     top_k: int = 5
     limits: images.DecodeLimits = field(default_factory=images.DecodeLimits)
+    #: pixels decoded at once by all threads together (None: limits.max_pixels, room for one
+    #: photo of the largest size accepted); see worker.decode_budget
+    decode_budget_pixels: int | None = None
 
     @property
     def window(self) -> int:
@@ -120,9 +124,9 @@ class ItemError(Exception):
 
 
 def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: images.DecodeLimits,
-                     fit: str = images.DEFAULT_FIT) -> Fetched:
-    """Read one photo and decode it; permanent problems become an item error, transient ones
-    raise TransientError."""
+                     fit: str = images.DEFAULT_FIT, budget: DecodeBudget | None = None) -> Fetched:
+    """Read one photo and decode it (holding its pixels of ``budget`` while it decodes); permanent
+    problems become an item error, transient ones raise TransientError; MemoryError propagates."""
     started = time.perf_counter()
     etag, version_id = ref.etag, ref.version_id
     try:
@@ -131,7 +135,7 @@ def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: image
         return Fetched(ref, None, etag, version_id, (error.code, error.message), {"download": _ms(started)})
     downloaded = time.perf_counter()
     try:
-        pixels, error = images.load_image(data, size=size, fit=fit, limits=limits), None
+        pixels, error = images.load_image(data, size=size, fit=fit, limits=limits, budget=budget), None
     except images.ImageDecodeError as decode_error:
         pixels, error = None, (decode_error.code, decode_error.message)
     return Fetched(ref, pixels, etag, version_id, error,
@@ -150,6 +154,7 @@ class Pipeline:
         self.s3 = s3
         self.settings = settings
         self.reader = reader or S3Reader(s3)
+        self.decode_budget = DecodeBudget(settings.decode_budget_pixels or settings.limits.max_pixels)
         self._executor = ThreadPoolExecutor(settings.download_threads, thread_name_prefix="fetch")
         self._ahead: dict[ImageRef, Future] = {}  # photos prefetched for a later classify()
         self._ahead_lock = threading.Lock()
@@ -160,7 +165,7 @@ class Pipeline:
 
     def _submit(self, ref: ImageRef) -> Future:
         size, fit, limits = self.classifier.input_size, self.classifier.input_fit, self.settings.limits
-        return self._executor.submit(fetch_and_decode, self.reader, ref, size, limits, fit)
+        return self._executor.submit(fetch_and_decode, self.reader, ref, size, limits, fit, self.decode_budget)
 
     def prefetch(self, refs: Sequence[ImageRef]) -> int:
         """Start fetching and decoding photos a later :meth:`classify` call will ask for (at most

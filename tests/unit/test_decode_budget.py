@@ -1,0 +1,250 @@
+"""worker.decode_budget.DecodeBudget: concurrent decodes share a pixel budget. Events and
+barriers only: no sleeps, no wall-clock assertions (a join timeout only guards against a hang)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.decode_budget import DecodeBudget
+
+HANG = 20  # seconds before a blocked test is declared deadlocked (never reached when it passes)
+
+
+class Holders:
+    """What the test itself sees held at once (independently of the budget's own counters)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held: list[int] = []
+        self.violations: list[str] = []
+
+    def enter(self, pixels: int, capacity: int) -> None:
+        with self.lock:
+            self.held.append(pixels)
+            total = sum(self.held)
+            if total > capacity and len(self.held) > 1:
+                self.violations.append(f"{self.held} held at once, over {capacity}")
+
+    def leave(self, pixels: int) -> None:
+        with self.lock:
+            self.held.remove(pixels)
+
+
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.integers(1, 100), sizes=st.lists(st.integers(0, 150), min_size=1, max_size=12),
+       rounds=st.integers(1, 3))
+def test_concurrent_reservations_never_exceed_the_budget(capacity, sizes, rounds):
+    """Every thread reserves, checks what is held at that moment, and releases; a photo over the
+    whole budget may only ever be held alone. All threads finish (no deadlock)."""
+    budget = DecodeBudget(capacity)
+    holders = Holders()
+    start = threading.Barrier(len(sizes))
+    errors: list[BaseException] = []
+
+    def decode(pixels: int) -> None:
+        try:
+            start.wait(HANG)
+            for _ in range(rounds):
+                with budget.reserve(pixels):
+                    holders.enter(pixels, capacity)
+                    assert budget.in_use <= max(capacity, pixels)
+                    holders.leave(pixels)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=decode, args=(s,)) for s in sizes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(HANG)
+    assert not any(t.is_alive() for t in threads), "deadlock: a reservation never got its turn"
+    assert not errors and not holders.violations, (errors, holders.violations)
+    assert budget.in_use == 0 and budget.waiting == 0
+
+
+def test_a_photo_over_the_budget_waits_then_runs_alone():
+    waiting = {}
+    queued = threading.Condition()
+
+    def on_wait(pixels):
+        with queued:
+            waiting[pixels] = waiting.get(pixels, 0) + 1
+            queued.notify_all()
+
+    budget = DecodeBudget(100, on_wait=on_wait)
+    small = threading.Event()
+    budget.acquire(30)  # a small decode in progress (held by the test thread)
+
+    big_holds, big_may_finish, big_done = threading.Event(), threading.Event(), threading.Event()
+
+    def big():
+        with budget.reserve(250):  # more than the whole budget: not refused
+            big_holds.set()
+            big_may_finish.wait(HANG)
+        big_done.set()
+
+    threading.Thread(target=big, daemon=True).start()
+    with queued:
+        assert queued.wait_for(lambda: waiting.get(250), HANG), "the big photo did not wait for the small one"
+    assert not big_holds.is_set()  # it cannot start beside the small decode
+    budget.release(30)
+    assert big_holds.wait(HANG), "the big photo never got exclusive use"
+    assert budget.in_use == 250
+
+    def another_small():
+        with budget.reserve(1):
+            small.set()
+
+    thread = threading.Thread(target=another_small, daemon=True)
+    thread.start()
+    with queued:
+        assert queued.wait_for(lambda: waiting.get(1), HANG), "a small decode started beside the big one"
+    assert not small.is_set()
+    big_may_finish.set()
+    assert small.wait(HANG) and big_done.wait(HANG)
+    thread.join(HANG)
+    assert budget.in_use == 0
+
+
+def test_first_come_first_served_a_big_photo_is_not_starved():
+    """While a big photo waits for room, later small ones queue behind it instead of overtaking."""
+    order: list[str] = []
+    queued = threading.Semaphore(0)
+    budget = DecodeBudget(100, on_wait=lambda pixels: queued.release())
+    budget.acquire(60)
+
+    def decode(name, pixels):
+        with budget.reserve(pixels):
+            order.append(name)
+
+    big = threading.Thread(target=decode, args=("big", 80))
+    big.start()
+    assert queued.acquire(timeout=HANG)  # big waits: 60 + 80 > 100
+    late = threading.Thread(target=decode, args=("small", 10))
+    late.start()
+    assert queued.acquire(timeout=HANG)  # small waits too, although 60 + 10 would fit
+    budget.release(60)
+    big.join(HANG)
+    late.join(HANG)
+    assert order == ["big", "small"]
+
+
+def test_small_photos_share_the_budget():
+    budget = DecodeBudget(100)
+    inside = threading.Barrier(3)  # three 30-pixel decodes must be able to hold at once
+
+    def decode():
+        with budget.reserve(30):
+            inside.wait(HANG)  # raises BrokenBarrierError if they cannot all be inside together
+
+    threads = [threading.Thread(target=decode) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(HANG)
+    assert not inside.broken and budget.in_use == 0
+
+
+def test_invalid_use():
+    with pytest.raises(ValueError):
+        DecodeBudget(0)
+    budget = DecodeBudget(10)
+    with pytest.raises(ValueError):
+        budget.acquire(-1)
+    with pytest.raises(RuntimeError):
+        budget.release(1)
+
+
+def test_an_interrupted_wait_leaves_the_queue():
+    """A reservation abandoned while it waits (an exception in that thread) must not block the
+    ones queued behind it: it leaves the queue."""
+
+    def on_wait(pixels):
+        if pixels == 50:
+            raise KeyboardInterrupt  # raised in the waiting thread, while it is first in line
+
+    budget = DecodeBudget(60, on_wait=on_wait)
+    budget.acquire(20)
+    with pytest.raises(KeyboardInterrupt):
+        budget.acquire(50)  # 20 + 50 > 60: it had to wait
+    assert budget.waiting == 0 and budget.in_use == 20
+    done = threading.Event()
+    threading.Thread(target=lambda: (budget.acquire(30), done.set()), daemon=True).start()
+    assert done.wait(HANG)  # 20 + 30 fits: granted, not stuck behind the abandoned one
+    assert budget.in_use == 50
+
+
+# --------------------------------------------------------------------------
+# the worker's pipeline: one budget per Pipeline, shared by its decode threads
+# --------------------------------------------------------------------------
+class PhotoReader:
+    """Photos by key: ``<width>x<height>-<n>.png``."""
+
+    def read(self, ref, max_bytes):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        width, height = (int(v) for v in ref.key.split("-")[0].split("x"))
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((height, width, 3), (200, 30, 30), np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue(), None, None
+
+
+def test_pipeline_decodes_share_its_budget(monkeypatch):
+    from tests.unit.test_pipeline_prefetch import RedClassifier
+    from worker import images
+    from worker.messages import ImageRef
+    from worker.pipeline import Pipeline, PipelineSettings
+
+    default = Pipeline(RedClassifier(), s3=None, settings=PipelineSettings(download_threads=1), reader=PhotoReader())
+    default.close()
+    assert default.decode_budget.capacity == images.DEFAULT_MAX_PIXELS  # one photo of the largest accepted size
+
+    seen, real = [], images.load_image
+
+    def recording(data, **kw):
+        seen.append(kw.get("budget"))
+        return real(data, **kw)
+
+    monkeypatch.setattr(images, "load_image", recording)
+    pipeline = Pipeline(RedClassifier(), s3=None, reader=PhotoReader(),
+                        settings=PipelineSettings(batch_size=4, download_threads=4, decode_budget_pixels=20_000))
+    try:
+        keys = [f"100x100-{n}.png" for n in range(6)] + ["300x200-0.png"]  # the last one is over the budget
+        results = pipeline.classify([ImageRef("photos", k) for k in keys])
+    finally:
+        pipeline.close()
+    assert [r.status for r in results] == ["ok"] * 7  # the oversized photo waited its turn, not refused
+    assert len(seen) == 7 and all(b is pipeline.decode_budget for b in seen)
+    assert pipeline.decode_budget.capacity == 20_000 and pipeline.decode_budget.in_use == 0
+
+
+def test_decode_budget_setting_from_the_environment():
+    from worker.settings import WorkerEnvironment
+
+    assert WorkerEnvironment.from_env({}).decode_budget_pixels is None
+    assert WorkerEnvironment.from_env({"DOGBREEDS_DECODE_BUDGET_PIXELS": "128000000"}).decode_budget_pixels == 128_000_000
+
+
+def test_fetch_and_decode_lets_memory_error_through(monkeypatch):
+    """Running out of memory says nothing about the photo: never an ``error`` item."""
+    from worker import images
+    from worker.messages import ImageRef
+    from worker.pipeline import fetch_and_decode
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(images.Image.Image, "load", out_of_memory)
+    monkeypatch.setattr(images.ImageFile.ImageFile, "load", out_of_memory)
+    budget = DecodeBudget(10_000)
+    with pytest.raises(MemoryError):
+        fetch_and_decode(PhotoReader(), ImageRef("photos", "50x50-0.png"), (32, 32), images.DecodeLimits(),
+                         budget=budget)
+    assert budget.in_use == 0  # the reservation is given back
