@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test lint bench bench-accuracy clean check-infra container container-test soak
+.PHONY: install demo test lint bench bench-accuracy bench-memory clean check-infra container container-test soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(STAMP)
 
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py
+
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/decode_memory.py
 
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py

@@ -76,7 +76,10 @@ KINDS = [
     Kind("palette-trns-png", ".png", "palette PNG with a transparent index"),
     Kind("la-png", ".png", "greyscale + alpha PNG"),
     Kind("rotated-rgba-png", ".png", "RGBA PNG with EXIF orientation 6 (rotated while converting)"),
+    Kind("noisy-progressive-jpeg", ".jpg", "progressive JPEG of noise, ~40 MiB: a large download waiting for its turn"),
 ]
+MIXED = "mixed"  # a batch of every kind in turn
+NOISE = 0.2  # share of noise in noisy-progressive-jpeg: ~40 MiB at 64 MP, quality 90
 
 
 def _grey(side: int = SIDE):
@@ -105,6 +108,9 @@ def make_photo(kind: str, path: Path, side: int = SIDE) -> None:
     if kind == "la-png":
         Image.merge("LA", (grey, grey.transpose(Image.Transpose.ROTATE_90))).save(path, "PNG", compress_level=1)
         return
+    if kind == "noisy-progressive-jpeg":
+        _noisy(grey).save(path, "JPEG", quality=90, progressive=True, subsampling=0)
+        return
     rgb = Image.merge("RGB", (grey, grey.transpose(Image.Transpose.ROTATE_90),
                               grey.transpose(Image.Transpose.FLIP_TOP_BOTTOM)))
     del grey
@@ -123,6 +129,19 @@ def make_photo(kind: str, path: Path, side: int = SIDE) -> None:
         rgba.save(path, "PNG", compress_level=1, **options)
     else:
         raise ValueError(kind)
+
+
+def _noisy(grey):
+    """The ramp plus strong noise per channel: a JPEG that stays large (just under 50 MiB at 64 MP)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    channels = []
+    for _ in range(3):
+        noise = Image.fromarray(rng.integers(0, 256, (grey.height, grey.width), dtype=np.uint8))
+        channels.append(Image.blend(grey, noise, NOISE))
+    return Image.merge("RGB", channels)
 
 
 def _ramp16(side: int):
@@ -320,6 +339,9 @@ def main() -> None:
     parser.add_argument("--model", help="Artifact with an openvino-int8 runtime (default: build a VGG16-shaped one).")
     parser.add_argument("--runtime", default="openvino-int8", help="Runtime the worker serves (--runtime).")
     parser.add_argument("--photos", type=int, default=16, help="Worst-case photos in the worker's job message.")
+    parser.add_argument("--batches", default=f"{MIXED},noisy-progressive-jpeg",
+                        help=f"Comma-separated batches to run end to end: '{MIXED}' (every kind in turn) or one "
+                             "kind (--photos photos of it).")
     parser.add_argument("--budgets", default="default",
                         help="Comma-separated DOGBREEDS_DECODE_BUDGET_PIXELS values for the end-to-end runs "
                              "('default': the variable unset).")
@@ -329,6 +351,9 @@ def main() -> None:
                         help="Address-space limit of each 'before' decode process (it can need several GB).")
     parser.add_argument("--side", type=int, default=SIDE, help="Photo width and height in pixels.")
     parser.add_argument("--no-e2e", action="store_true", help="Only the per-photo measurements.")
+    parser.add_argument("--no-per-photo", action="store_true", help="Only the end-to-end measurements.")
+    parser.add_argument("--photos-dir", help="Keep the generated photos in this folder (and reuse them on later "
+                                             "runs) instead of a temporary one.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
     if len(sys.argv) > 1 and sys.argv[1] == "--_decode":
         return child_decode(sys.argv[2], sys.argv[3], float(sys.argv[4]))
@@ -339,13 +364,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="decode-memory-") as tmp:
-        log(f"generating worst-case photos ({args.side} x {args.side}) in {tmp}")
-        photos = make_photos(Path(tmp), args.side)
+        folder = Path(args.photos_dir or tmp)
+        log(f"worst-case photos ({args.side} x {args.side}) in {folder}")
+        photos = make_photos(folder, args.side)
         before = before_module(args.before, Path(tmp)) if args.before else None
         if args.before and before is None:
             log(f"git revision {args.before} not found: no 'before' column")
         rows = []
-        for kind in KINDS:
+        for kind in [] if args.no_per_photo else KINDS:
             path = photos[kind.name]
             row = {"kind": kind.name, "what": kind.what, "bytes": path.stat().st_size,
                    "pixels": args.side * args.side, "after": decode_peak(path, "after")}
@@ -360,17 +386,21 @@ def main() -> None:
             from infra.local_stack import MotoServer
 
             model = args.model or default_model(work)
-            batch = [photos[KINDS[i % len(KINDS)].name] for i in range(args.photos)]
             with MotoServer() as server:
                 os.environ.update(server.environment())
-                for n, value in enumerate(args.budgets.split(",")):
-                    budget = None if value.strip() == "default" else int(float(value))
-                    log(f"end to end: {len(batch)} photos, decode budget {budget or 'default'}")
-                    e2e.append({"model": model, **end_to_end(server, model, batch, f"run{n}", budget, args.runtime)})
-                    log(f"  {e2e[-1]}")
+                for batch_name in args.batches.split(","):
+                    kinds = [k.name for k in KINDS] if batch_name == MIXED else [batch_name]
+                    batch = [photos[kinds[i % len(kinds)]] for i in range(args.photos)]
+                    for value in args.budgets.split(","):
+                        budget = None if value.strip() == "default" else int(float(value))
+                        log(f"end to end: {len(batch)} photos ({batch_name}), decode budget {budget or 'default'}")
+                        run = end_to_end(server, model, batch, f"run{len(e2e)}", budget, args.runtime)
+                        e2e.append({"batch": batch_name, "model": model, **run})
+                        log(f"  {e2e[-1]}")
 
     result = {"photos": rows, "end_to_end": e2e, "cpus": os.cpu_count(),
               "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+    (work / "decode_memory.json").write_text(json.dumps(result, indent=1) + "\n")  # also after a table run
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -397,10 +427,12 @@ def print_tables(result: dict) -> None:
               f"{(before or {}).get('seconds', '-'):>8} {r['after']['seconds']:>7}")
     if result["end_to_end"]:
         print("\nThe worker end to end (python -m worker.cli run --until-empty, one job message, moto's S3/SQS):")
-        print(f"{'photos':>6} {'runtime':<14} {'decode budget':>14} {'peak RSS MiB':>12} {'seconds':>8}  items")
+        print(f"{'batch':<23} {'photos':>6} {'runtime':<14} {'decode budget':>15} {'peak RSS MiB':>12} "
+              f"{'seconds':>8}  items")
         for r in result["end_to_end"]:
-            print(f"{r['photos']:>6} {r['runtime']:<14} {r['decode_budget_pixels'] or 'default (64 MP)'!s:>14} "
-                  f"{r['peak_rss_mib']:>12} {r['seconds']:>8}  {r['items']}")
+            print(f"{r['batch']:<23} {r['photos']:>6} {r['runtime']:<14} "
+                  f"{r['decode_budget_pixels'] or 'default (64 MP)'!s:>15} {r['peak_rss_mib']:>12} {r['seconds']:>8}  "
+                  f"{r['items']}")
 
 
 if __name__ == "__main__":

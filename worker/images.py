@@ -571,28 +571,34 @@ def _open_checked(data, limits: DecodeLimits) -> tuple[Image.Image, str]:
 @contextmanager
 def _decoded(data, limits: DecodeLimits, target_size: tuple[int, int] | None, budget: DecodeBudget | None):
     """Open, check, reserve ``width * height`` of ``budget`` (if any), draft (JPEG), load; yields
-    ``(image, orientation)`` with the reservation held; the image is closed afterwards."""
+    ``(image, orientation)`` with the reservation held. The image is closed (its pixels freed)
+    before the reservation ends, so the budget can hand that memory back to the OS."""
     img, fmt = _open_checked(data, limits)
-    with img, (budget.reserve(img.width * img.height) if budget is not None else nullcontext()):
-        if target_size is not None and fmt in ("JPEG", "MPO"):
-            tw, th = (int(target_size[0]), int(target_size[1]))
-            if _orientation(img) in _SWAPS_AXES:  # stored image is rotated by 90 degrees
-                tw, th = th, tw
-            if tw > 0 and th > 0:
+    try:
+        with budget.reserve(img.width * img.height) if budget is not None else nullcontext():
+            try:
+                if target_size is not None and fmt in ("JPEG", "MPO"):
+                    tw, th = (int(target_size[0]), int(target_size[1]))
+                    if _orientation(img) in _SWAPS_AXES:  # stored image is rotated by 90 degrees
+                        tw, th = th, tw
+                    if tw > 0 and th > 0:
+                        try:
+                            img.draft("RGB", (tw, th))
+                        except DECODER_ERRORS:
+                            pass  # draft is only an optimisation
                 try:
-                    img.draft("RGB", (tw, th))
-                except DECODER_ERRORS:
-                    pass  # draft is only an optimisation
-
-        try:
-            img.load()  # Image.open leaves animations / multi-page files on frame 0
-            orientation = _orientation(img)
-        except DECODER_ERRORS as exc:
-            raise _classify_decoder_failure(fmt, bytes(data), exc) from exc
-        try:
-            yield img, orientation
-        except DECODER_ERRORS as exc:  # raised while converting the decoded pixels
-            raise _classify_decoder_failure(fmt, bytes(data), exc) from exc
+                    img.load()  # Image.open leaves animations / multi-page files on frame 0
+                    orientation = _orientation(img)
+                except DECODER_ERRORS as exc:
+                    raise _classify_decoder_failure(fmt, bytes(data), exc) from exc
+                try:
+                    yield img, orientation
+                except DECODER_ERRORS as exc:  # raised while converting the decoded pixels
+                    raise _classify_decoder_failure(fmt, bytes(data), exc) from exc
+            finally:
+                img.close()
+    finally:
+        img.close()
 
 
 def decode_image(
