@@ -12,10 +12,13 @@ on disk) into a temporary folder, then measures:
    ``--before-cap-gb`` so that it cannot take the machine down; ``> cap`` when it hit it).
 2. **end to end**: the peak RSS of the real worker (``python -m worker.cli run``, i.e.
    ``dogbreeds-worker run --until-empty``, default settings: 8 download threads, batch 16,
-   the default decode budget) classifying one job message of ``--photos`` worst-case photos (the
-   kinds in turn) from moto's S3/SQS server, with an OpenVINO int8 model; the worker's own peak
-   comes from ``os.wait4`` (its ``ru_maxrss``), so it includes the model, the runtime and every
-   decode. ``--budgets`` runs it again with other ``DOGBREEDS_DECODE_BUDGET_PIXELS`` values.
+   the default decode budget) classifying one job message of ``--photos`` photos from moto's
+   S3/SQS server, with an OpenVINO int8 model; the worker's own peak comes from ``os.wait4`` (its
+   ``ru_maxrss``), so it includes the model, the runtime and every decode. Batches
+   (``--batches``): ``samples`` (ordinary photos: what the model and runtime take alone),
+   ``mixed`` (the worst-case kinds in turn), ``noisy-progressive-jpeg`` (16 downloads of ~45 MiB
+   each: the bytes held while photos wait for the budget). ``--budgets`` runs each batch again
+   with other ``DOGBREEDS_DECODE_BUDGET_PIXELS`` values (``1e12``: no budget).
 
 The model is ``--model`` (any artifact with an ``openvino-int8`` runtime), else one built once under
 ``--work``: the VGG16 transfer architecture the trainer publishes (VGG preprocessing, VGG16 conv
@@ -79,6 +82,7 @@ KINDS = [
     Kind("noisy-progressive-jpeg", ".jpg", "progressive JPEG of noise, ~40 MiB: a large download waiting for its turn"),
 ]
 MIXED = "mixed"  # a batch of every kind in turn
+SAMPLES = "samples"  # a batch of ordinary photos (samples/photos): the model's own share of the peak
 NOISE = 0.2  # share of noise in noisy-progressive-jpeg: ~40 MiB at 64 MP, quality 90
 
 
@@ -339,9 +343,10 @@ def main() -> None:
     parser.add_argument("--model", help="Artifact with an openvino-int8 runtime (default: build a VGG16-shaped one).")
     parser.add_argument("--runtime", default="openvino-int8", help="Runtime the worker serves (--runtime).")
     parser.add_argument("--photos", type=int, default=16, help="Worst-case photos in the worker's job message.")
-    parser.add_argument("--batches", default=f"{MIXED},noisy-progressive-jpeg",
-                        help=f"Comma-separated batches to run end to end: '{MIXED}' (every kind in turn) or one "
-                             "kind (--photos photos of it).")
+    parser.add_argument("--batches", default=f"{SAMPLES},{MIXED},noisy-progressive-jpeg",
+                        help=f"Comma-separated batches to run end to end: '{SAMPLES}' (ordinary photos of "
+                             f"samples/photos: the model's share), '{MIXED}' (every kind in turn) or one kind "
+                             "(--photos photos of it).")
     parser.add_argument("--budgets", default="default",
                         help="Comma-separated DOGBREEDS_DECODE_BUDGET_PIXELS values for the end-to-end runs "
                              "('default': the variable unset).")
@@ -389,8 +394,11 @@ def main() -> None:
             with MotoServer() as server:
                 os.environ.update(server.environment())
                 for batch_name in args.batches.split(","):
-                    kinds = [k.name for k in KINDS] if batch_name == MIXED else [batch_name]
-                    batch = [photos[kinds[i % len(kinds)]] for i in range(args.photos)]
+                    if batch_name == SAMPLES:
+                        batch = sorted((ROOT / "samples" / "photos").rglob("*.jpg"))[:args.photos]
+                    else:
+                        kinds = [k.name for k in KINDS] if batch_name == MIXED else [batch_name]
+                        batch = [photos[kinds[i % len(kinds)]] for i in range(args.photos)]
                     for value in args.budgets.split(","):
                         budget = None if value.strip() == "default" else int(float(value))
                         log(f"end to end: {len(batch)} photos ({batch_name}), decode budget {budget or 'default'}")
@@ -419,10 +427,10 @@ def print_tables(result: dict) -> None:
 
     print(f"\nOne photo, load_image to 224 x 224: peak RSS of the decode (MiB), {result['cpus']} CPUs, "
           f"load {result['loadavg']}")
-    print(f"{'photo':<18} {'pixels':>10} {'file MiB':>8} {'before':>16} {'after':>8} {'before s':>8} {'after s':>7}")
+    print(f"{'photo':<23} {'pixels':>10} {'file MiB':>8} {'before':>16} {'after':>8} {'before s':>8} {'after s':>7}")
     for r in result["photos"]:
         before = r.get("before")
-        print(f"{r['kind']:<18} {r['pixels']:>10,} {r['bytes'] / 2**20:>8.2f} "
+        print(f"{r['kind']:<23} {r['pixels']:>10,} {r['bytes'] / 2**20:>8.2f} "
               f"{peak(before, r.get('before_cap_gb')):>16} {peak(r['after']):>8} "
               f"{(before or {}).get('seconds', '-'):>8} {r['after']['seconds']:>7}")
     if result["end_to_end"]:
