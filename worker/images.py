@@ -197,7 +197,7 @@ _TEXT_IMAGE_FORMATS = ("PPM", "XBM", "XPM")  # image formats that are plain text
 #: says nothing about the photo, so it must fail the message for a retry, never be recorded as a
 #: permanent ``corrupt`` item. tests/unit/test_images_fuzz.py damages photos of every accepted
 #: format (bit flips, overwritten header bytes, cuts, splices) and checks that nothing but these
-#: comes out of Pillow (20,000 examples once, ~600 in each test run).
+#: comes out of Pillow (20,000 examples once, ~450 in each test run).
 DECODER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes PIL.UnidentifiedImageError and "image file is truncated"
     ValueError,

@@ -136,10 +136,10 @@ def test_first_come_first_served_a_big_photo_is_not_starved():
         with budget.reserve(pixels):
             order.append(name)
 
-    big = threading.Thread(target=decode, args=("big", 80))
+    big = threading.Thread(target=decode, args=("big", 80), daemon=True)  # daemon: a failure must not hang the exit
     big.start()
     assert queued.acquire(timeout=HANG)  # big waits: 60 + 80 > 100
-    late = threading.Thread(target=decode, args=("small", 10))
+    late = threading.Thread(target=decode, args=("small", 10), daemon=True)
     late.start()
     assert queued.acquire(timeout=HANG)  # small waits too, although 60 + 10 would fit
     budget.release(60)
@@ -156,7 +156,7 @@ def test_small_photos_share_the_budget():
         with budget.reserve(30):
             inside.wait(HANG)  # raises BrokenBarrierError if they cannot all be inside together
 
-    threads = [threading.Thread(target=decode) for _ in range(3)]
+    threads = [threading.Thread(target=decode, daemon=True) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -237,10 +237,21 @@ def test_pipeline_decodes_share_its_budget(monkeypatch):
     keys = [f"100x100-{n}.png" for n in range(6)] + ["300x200-0.png"]  # the last one is over the budget
     pipeline = Pipeline(RedClassifier(), s3=None, reader=PhotoReader(keys),
                         settings=PipelineSettings(batch_size=4, download_threads=4, decode_budget_pixels=20_000))
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(results=pipeline.classify([ImageRef("photos", k) for k in keys])),
+                           daemon=True)
+    run.start()
+    run.join(HANG)
     try:
-        results = pipeline.classify([ImageRef("photos", k) for k in keys])
+        assert not run.is_alive(), "deadlock: the photo over the budget never got its turn"
     finally:
+        if run.is_alive():  # free the stuck decode (test clean-up only), or the executor never shuts down
+            with pipeline.decode_budget._condition:
+                pipeline.decode_budget.capacity = 10**15
+                pipeline.decode_budget._condition.notify_all()
+            run.join(HANG)
         pipeline.close()
+    results = outcome["results"]
     assert [r.status for r in results] == ["ok"] * 7  # the oversized photo waited its turn, not refused
     assert len(seen) == 7 and all(b is pipeline.decode_budget for b in seen)
     assert pipeline.decode_budget.capacity == 20_000 and pipeline.decode_budget.in_use == 0

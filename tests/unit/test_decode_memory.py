@@ -113,7 +113,7 @@ def photos(draw):
     return encode(img, fmt, **options)
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(data=photos(), strip=st.sampled_from([1, 7, 64, 1000, images.STRIP_PIXELS]),
        size=st.tuples(st.integers(1, 40), st.integers(1, 40)), fit=st.sampled_from(images.FITS))
 def test_same_pixels_as_the_whole_image_oracle(data, strip, size, fit):

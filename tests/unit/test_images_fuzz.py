@@ -103,7 +103,7 @@ def _outcome(fn, data: bytes):
     return "ok"
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=damaged())
 def test_damaged_photos_only_ever_raise_image_decode_error(data):
     # any other exception (MemoryError included) fails the test
