@@ -14,8 +14,9 @@ Decoding (:func:`decode_image`)
   ``not_an_image``.
 * Animated images (GIF, APNG, WebP) and multi-page TIFFs: only the first
   frame / page is used.
-* EXIF orientation is applied (``PIL.ImageOps.exif_transpose``).  Malformed
-  EXIF metadata is ignored (the image is then used as stored).
+* EXIF orientation is applied: the transposition ``PIL.ImageOps.exif_transpose``
+  makes, done strip by strip.  Malformed EXIF metadata, or an orientation value
+  other than 1-8, is ignored (the image is then used as stored).
 * Pixel modes are converted to RGB as follows:
 
   - ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``YCbCr``, ``CMYK``: Pillow's
@@ -65,8 +66,9 @@ becomes a numpy array.  Peak memory of one decode is therefore about the
 decoded image (4 bytes per pixel in Pillow for RGB, RGBA and CMYK; 1 for
 ``L``/``P``; 2 for 16-bit grey) plus the converted RGB copy (4 bytes per
 kept pixel; none for a plain RGB photo that is kept whole), plus a few
-strips: ~8 bytes per pixel at most, against ~48 bytes per pixel before (a
-4-megapixel RGBA PNG: 43 MiB instead of 234 MiB).  A progressive JPEG also
+strips: ~8 bytes per pixel at most, against ~55 bytes per pixel before (a
+4-megapixel RGBA PNG: 34 MiB instead of 229 MiB; 64 megapixels: 491 MiB
+instead of 3,418 MiB, benchmarks/decode_memory.py).  A progressive JPEG also
 holds libjpeg's coefficient buffer (2 bytes per sample of the full-size
 image) even when it is drafted down.
 
