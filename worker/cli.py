@@ -118,12 +118,13 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
 
 def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None):
     from worker.pipeline import Pipeline, PipelineSettings
-    from worker.settings import client
+    from worker.settings import WorkerEnvironment, client
 
     s3 = client("s3")
     classifier = _load_classifier(model_uri, top_k, s3=s3, runtime=runtime)
-    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k),
-                    reader=reader)
+    budget = WorkerEnvironment.from_env().decode_budget_pixels  # DOGBREEDS_DECODE_BUDGET_PIXELS
+    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k,
+                                                     decode_budget_pixels=budget), reader=reader)
 
 
 def worker_options(command):

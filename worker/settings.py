@@ -17,6 +17,9 @@ ENV = {
     "DOGBREEDS_BATCH_SIZE": "photos per inference micro-batch (default: 16)",
     "DOGBREEDS_DOWNLOAD_THREADS": "concurrent S3 downloads (default: 8)",
     "DOGBREEDS_TOP_K": "breeds kept per photo (default: 5)",
+    "DOGBREEDS_DECODE_BUDGET_PIXELS": "pixels decoded at once by all download threads together (default: 64000000, "
+                                      "the decode limit: one photo of the largest accepted size; a photo over the "
+                                      "budget waits and is then decoded alone)",
     "DOGBREEDS_JSONL": "1 to write JSON Lines manifests (.jsonl) instead of JSON",
     "DOGBREEDS_RUNTIME": "model variant: auto (default: the fastest one the artifact carries whose recorded "
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
@@ -40,6 +43,7 @@ class WorkerEnvironment:
     top_k: int
     jsonl: bool
     runtime: str = "auto"
+    decode_budget_pixels: int | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -53,6 +57,8 @@ class WorkerEnvironment:
             top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
             jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
             runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
+            decode_budget_pixels=int(env["DOGBREEDS_DECODE_BUDGET_PIXELS"]) if env.get("DOGBREEDS_DECODE_BUDGET_PIXELS")
+            else None,
         )
 
 
