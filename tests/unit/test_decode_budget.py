@@ -265,7 +265,8 @@ def test_decode_budget_setting_from_the_environment():
 
 
 def test_fetch_and_decode_lets_memory_error_through(monkeypatch):
-    """Running out of memory says nothing about the photo: never an ``error`` item."""
+    """Running out of memory says nothing about the photo: never an ``error`` item, but a failure
+    (the messages naming the photo are retried)."""
     from worker import images
     from worker.messages import ImageRef
     from worker.pipeline import fetch_and_decode
@@ -279,8 +280,10 @@ def test_fetch_and_decode_lets_memory_error_through(monkeypatch):
     monkeypatch.setattr(images.Image.Image, "load", out_of_memory)
     monkeypatch.setattr(images.ImageFile.ImageFile, "load", out_of_memory)
     budget = DecodeBudget(10_000)
-    with pytest.raises(MemoryError):
-        fetch_and_decode(reader, ImageRef("photos", "50x50-0.png"), (32, 32), images.DecodeLimits(), budget=budget)
+    fetched = fetch_and_decode(reader, ImageRef("photos", "50x50-0.png"), (32, 32), images.DecodeLimits(),
+                               budget=budget)
+    assert fetched.error is None and fetched.pixels is None
+    assert fetched.failure is not None and "MemoryError" in fetched.failure
     assert budget.in_use == 0  # the reservation is given back
 
 
