@@ -17,6 +17,9 @@ ENV = {
     "DOGBREEDS_BATCH_SIZE": "photos per inference micro-batch (default: 16)",
     "DOGBREEDS_DOWNLOAD_THREADS": "concurrent S3 downloads (default: 8)",
     "DOGBREEDS_TOP_K": "breeds kept per photo (default: 5)",
+    "DOGBREEDS_DECODE_BUDGET_PIXELS": "pixels decoded at once by all download threads together (default: 64000000, "
+                                      "the decode limit: one photo of the largest accepted size; a photo over the "
+                                      "budget waits and is then decoded alone)",
     "DOGBREEDS_JSONL": "1 to write JSON Lines manifests (.jsonl) instead of JSON",
     "DOGBREEDS_RUNTIME": "model variant: auto (default: the fastest one the artifact carries whose recorded "
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
@@ -25,6 +28,7 @@ ENV = {
     "DOGBREEDS_DOG_CHECK": "0 to turn the model's dog check off (default 1: photos scoring below the artifact's "
                            "dog threshold are answered no_dog)",
     "DOGBREEDS_MIN_SCORE": "photos whose best breed score is below this (0..1) are answered uncertain (default: none)",
+    "DOGBREEDS_LOG_FORMAT": "auto (default: text on a terminal, JSON otherwise), json or text",
 }
 
 _OFF = ("0", "false", "no", "off")
@@ -46,6 +50,7 @@ class WorkerEnvironment:
     runtime: str = "auto"
     dog_check: bool = True
     min_score: float | None = None
+    decode_budget_pixels: int | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -61,6 +66,8 @@ class WorkerEnvironment:
             runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
             dog_check=env.get("DOGBREEDS_DOG_CHECK", "1").strip().lower() not in _OFF,
             min_score=float(env["DOGBREEDS_MIN_SCORE"]) if env.get("DOGBREEDS_MIN_SCORE", "").strip() else None,
+            decode_budget_pixels=int(env["DOGBREEDS_DECODE_BUDGET_PIXELS"]) if env.get("DOGBREEDS_DECODE_BUDGET_PIXELS")
+            else None,
         )
 
 
