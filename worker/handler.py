@@ -79,5 +79,7 @@ def lambda_handler(event: dict, context) -> dict:
             raise MessageFailed(result.reason)
         return {"manifest": result.manifest}
 
-    return process_partial_response(event=event, record_handler=record_handler,
-                                    processor=BatchProcessor(event_type=EventType.SQS), context=context)
+    # A batch whose every message failed (e.g. a deadline reached before any was finished) is
+    # reported like any other, all ids in batchItemFailures, not raised as a function error.
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
