@@ -189,7 +189,7 @@ def upload(s3, sqs, queue_url: str, plan: dict[str, Planted], traffic: Traffic, 
 def _upload(s3, sqs, queue_url, plan, traffic, queued, backlog, job_every, rng, threads) -> None:
     def put(item):
         key, planted = item
-        while queued[0] >= backlog:  # updated by the main loop every 0.25 s
+        while traffic.uploaded - len(traffic.events) + queued[0] >= backlog:  # not yet forwarded + waiting
             time.sleep(0.05)
         s3.put_object(Bucket=BUCKET, Key=key, Body=planted.body if planted.body is not None else b"soon deleted")
         if planted.body is None:
@@ -223,16 +223,20 @@ def forward(sqs, tap_url: str, queue_url: str, traffic: Traffic, stop: threading
         while not stop.is_set():
             got = sqs.receive_message(QueueUrl=tap_url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
                                       VisibilityTimeout=60).get("Messages", [])
-            for message in got:
-                body = message["Body"]
-                if "Records" in json.loads(body):  # not the s3:TestEvent
-                    sqs.send_message_batch(QueueUrl=queue_url, Entries=[
-                        {"Id": "first", "MessageBody": body},
-                        {"Id": "copy", "MessageBody": body, "DelaySeconds": rng.choice([0, 0, 1, 2, 5])}])
-                    with traffic.lock:
-                        traffic.events.append(body)
-                        traffic.sent += 2
-                sqs.delete_message(QueueUrl=tap_url, ReceiptHandle=message["ReceiptHandle"])
+            events = [m["Body"] for m in got if "Records" in json.loads(m["Body"])]  # not the s3:TestEvent
+            entries = [entry for i, body in enumerate(events) for entry in (
+                {"Id": f"first-{i}", "MessageBody": body},
+                {"Id": f"copy-{i}", "MessageBody": body, "DelaySeconds": rng.choice([0, 0, 1, 2, 5])})]
+            for start in range(0, len(entries), 10):
+                response = sqs.send_message_batch(QueueUrl=queue_url, Entries=entries[start:start + 10])
+                if response.get("Failed"):
+                    raise RuntimeError(f"forwarding notifications failed: {response['Failed']}")
+            with traffic.lock:
+                traffic.events += events
+                traffic.sent += len(entries)
+            if got:
+                sqs.delete_message_batch(QueueUrl=tap_url, Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)])
     except BaseException as error:  # noqa: BLE001 - reported by the main thread
         traffic.errors.append(error)
 
@@ -533,7 +537,7 @@ def main(argv=None) -> int:
     parser.add_argument("--visibility-timeout", type=int, default=6,
                         help="Seconds before a killed worker's messages are redelivered.")
     parser.add_argument("--backlog", type=int, default=200,
-                        help="Photos are dropped while fewer than this many messages wait in the queue "
+                        help="Photos are dropped while fewer than this many notifications and messages wait "
                              "(moto's SQS slows down with the queue depth).")
     parser.add_argument("--model", help="An existing colour-model artifact folder (default: build one).")
     parser.add_argument("--timeout", type=float, default=3600, help="Give up after this many seconds.")
