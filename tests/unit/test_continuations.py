@@ -119,7 +119,7 @@ def test_through_the_poller_the_pages_come_back_from_the_queue_and_are_classifie
     sqs = MemorySQS([[parent]], requeue=True)
     pipeline = Pipeline(PixelClassifier(), s3, PipelineSettings(batch_size=3, download_threads=2))
     poller = Poller(sqs, pipeline, OutputSettings(page_keys=PAGE),
-                    PollerSettings(QUEUE, wait_seconds=0, max_total=4, queue_backoff_seconds=0))
+                    PollerSettings(QUEUE, wait_seconds=0, max_total=4, until_empty=True, queue_backoff_seconds=0))
     try:
         summary = poller.run()
     finally:
