@@ -43,7 +43,8 @@ def get_pipeline(env: WorkerEnvironment) -> Pipeline:
         classifier = Classifier.load(env.model, top_k=env.top_k, s3=s3, runtime=env.runtime)
         _pipeline = Pipeline(classifier, s3, PipelineSettings(batch_size=env.batch_size,
                                                               download_threads=env.download_threads,
-                                                              top_k=env.top_k))
+                                                              top_k=env.top_k,
+                                                              decode_budget_pixels=env.decode_budget_pixels))
         logger.info("model loaded", extra={"model": classifier.model_info})
     return _pipeline
 

@@ -52,6 +52,7 @@ from botocore.exceptions import ClientError
 from worker import images
 from worker.classifier import Classifier
 from worker.deadline import Deadline, DeadlineReached, check, expired, seconds_left
+from worker.decode_budget import DecodeBudget
 from worker.manifests import ItemResult, TopK
 from worker.messages import ImageRef
 from worker.observability import logger as log
@@ -77,6 +78,9 @@ class PipelineSettings:
     download_threads: int = 8
     top_k: int = 5
     limits: images.DecodeLimits = field(default_factory=images.DecodeLimits)
+    #: pixels decoded at once by all threads together (None: limits.max_pixels, room for one
+    #: photo of the largest size accepted); see worker.decode_budget
+    decode_budget_pixels: int | None = None
 
     @property
     def window(self) -> int:
@@ -206,10 +210,11 @@ class ItemError(Exception):
 
 
 def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: images.DecodeLimits,
-                     fit: str = images.DEFAULT_FIT) -> Fetched:
-    """Read one photo and decode it. Never raises (but for BaseExceptions such as
-    KeyboardInterrupt): permanent problems are an item error, an unexpected exception is an
-    ``internal_error`` item, transient faults and ``MemoryError`` a failure."""
+                     fit: str = images.DEFAULT_FIT, budget: DecodeBudget | None = None) -> Fetched:
+    """Read one photo and decode it (holding its pixels of ``budget`` while it decodes). Never
+    raises (but for BaseExceptions such as KeyboardInterrupt): permanent problems are an item
+    error, an unexpected exception is an ``internal_error`` item, transient faults and
+    ``MemoryError`` a failure."""
     started = time.perf_counter()
     try:
         data, etag, version_id = reader.read(ref, limits.max_bytes)
@@ -227,7 +232,7 @@ def fetch_and_decode(reader, ref: ImageRef, size: tuple[int, int], limits: image
     downloaded = time.perf_counter()
     pixels, error, failure = None, None, None
     try:
-        pixels = images.load_image(data, size=size, fit=fit, limits=limits)
+        pixels = images.load_image(data, size=size, fit=fit, limits=limits, budget=budget)
     except images.ImageDecodeError as decode_error:
         error = (decode_error.code, decode_error.message)
     except MemoryError as memory_error:  # not this photo's fault alone: retry its messages
@@ -253,6 +258,7 @@ class Pipeline:
         self.s3 = s3
         self.settings = settings
         self.reader = reader or S3Reader(s3)
+        self.decode_budget = DecodeBudget(settings.decode_budget_pixels or settings.limits.max_pixels)
         self._executor = ThreadPoolExecutor(settings.download_threads, thread_name_prefix="fetch")
         self._ahead: dict[ImageRef, Future] = {}  # photos prefetched for a later answer(), by read_of()
         self._ahead_lock = threading.Lock()
@@ -263,7 +269,7 @@ class Pipeline:
 
     def _submit(self, read: ImageRef) -> Future:
         size, fit, limits = self.classifier.input_size, self.classifier.input_fit, self.settings.limits
-        return self._executor.submit(fetch_and_decode, self.reader, read, size, limits, fit)
+        return self._executor.submit(fetch_and_decode, self.reader, read, size, limits, fit, self.decode_budget)
 
     def prefetch(self, requests: Sequence[PhotoRequest]) -> int:
         """Start fetching and decoding the photos a later :meth:`answer` call will ask for (at
