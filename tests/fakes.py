@@ -5,7 +5,11 @@ times a second (property tests) with faults injected at every step.
   ``PreconditionFailed`` as S3 answers it), ``put_object``, the ``list_objects_v2`` paginator;
   ``get_faults``/``put_faults`` map a key to an exception raised on its read / write.
 * :class:`MemorySQS`: hands out prepared batches, records deletes and visibility changes, can
-  answer entries as ``Failed``.
+  answer entries as ``Failed``; ``send_message_batch`` records what is sent (and, with
+  ``requeue``, hands it out in a later receive).
+* :class:`FakeClock` / :class:`LambdaContext`: time that passes only when the code under test
+  does something (a read, a photo inferred, a PUT, ...), and a Lambda context whose remaining
+  time is read from it: deadlines without sleeps.
 * :class:`PixelClassifier`: the label, the dog score and the verdict are pure functions of the
   pixels (a CRC of the decoded photo), so a photo gets the same answer alone or in any batch,
   and a mix-up shows.
@@ -217,10 +221,15 @@ class MemoryS3:
 class MemorySQS:
     """Hands out prepared receive batches (then empty ones). ``failing_deletes`` maps a receipt
     handle to how many delete attempts answer it as ``Failed`` (None: always);
-    ``failing_visibility`` the same for visibility changes."""
+    ``failing_visibility`` the same for visibility changes; ``failing_sends`` how many
+    send_message_batch entries answer ``Failed`` (None: all). ``sent`` records (queue URL, body)
+    of every message sent; with ``requeue`` each send call's messages become a later receive."""
 
     def __init__(self, batches: list[list[dict]], failing_deletes: dict | None = None,
-                 failing_visibility: dict | None = None):
+                 failing_visibility: dict | None = None, failing_sends: int | None = 0, requeue: bool = False):
+        self.sent: list[tuple[str, str]] = []
+        self.failing_sends = failing_sends
+        self.requeue = requeue
         self.batches = deque(batches)
         self.lock = threading.Lock()
         self.deleted: list[str] = []
@@ -268,6 +277,72 @@ class MemorySQS:
                     self.visibility.append((entry["ReceiptHandle"], entry["VisibilityTimeout"]))
                     ok.append({"Id": entry["Id"]})
         return {"Successful": ok, "Failed": failed}
+
+
+    def send_message_batch(self, QueueUrl, Entries):  # noqa: N803
+        assert 1 <= len(Entries) <= 10, len(Entries)
+        assert sum(len(e["MessageBody"].encode()) for e in Entries) <= 262_144
+        ok, failed, batch = [], [], []
+        with self.lock:
+            for entry in Entries:
+                if self.failing_sends is None or self.failing_sends > 0:
+                    if self.failing_sends is not None:
+                        self.failing_sends -= 1
+                    failed.append({"Id": entry["Id"], "SenderFault": False, "Code": "InternalError", "Message": "fake"})
+                    continue
+                n = len(self.sent)
+                self.sent.append((QueueUrl, entry["MessageBody"]))
+                batch.append({"MessageId": f"sent-{n}", "ReceiptHandle": f"r-sent-{n}", "Body": entry["MessageBody"]})
+                ok.append({"Id": entry["Id"], "MessageId": f"sent-{n}"})
+            if self.requeue and batch:
+                self.batches.append(batch)
+        return {"Successful": ok, "Failed": failed}
+
+
+class FakeClock:
+    """Milliseconds that pass only when :meth:`tick` is called (thread-safe)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.now_ms = 0.0
+
+    def tick(self, ms: float = 1000.0) -> None:
+        with self.lock:
+            self.now_ms += ms
+
+    def ticking(self, call, ms: float = 1000.0):
+        """``call``, costing ``ms`` of fake time each time it is made."""
+        def timed(*args, **kw):
+            self.tick(ms)
+            return call(*args, **kw)
+        return timed
+
+
+class LambdaContext:
+    """A Lambda context whose remaining time is ``budget_ms`` less the fake clock's time."""
+
+    function_name = "dogbreeds-worker"
+    memory_limit_in_mb = 3008
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:dogbreeds-worker"
+    aws_request_id = "test-request"
+
+    def __init__(self, clock: FakeClock | None = None, budget_ms: float = 900_000.0):
+        self.clock, self.budget_ms = clock or FakeClock(), budget_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int(self.budget_ms - self.clock.now_ms)
+
+
+class TickingClassifier(PixelClassifier):
+    """A :class:`PixelClassifier` whose every photo inferred costs ``ms_per_photo`` of fake time."""
+
+    def __init__(self, clock: FakeClock, ms_per_photo: float = 1000.0, faults=None, dog_threshold=None):
+        super().__init__(faults, dog_threshold)
+        self.clock, self.ms_per_photo = clock, ms_per_photo
+
+    def predict(self, pixels):  # what the pipeline calls
+        self.clock.tick(self.ms_per_photo * len(pixels))
+        return super().predict(pixels)
 
 
 def s3_event(bucket: str, key: str, etag: str | None, version_id: str | None = None, sequencer: str = "01",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from worker.settings import WorkerEnvironment
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -200,8 +202,13 @@ def worker_options(command):
 @click.option("--pipeline/--no-pipeline", "pipelined", default=True, show_default=True,
               help="Receive the next batch (and start fetching its photos) and write the previous batch's "
                    "manifests while classifying.")
+@click.option("--prefix-page-keys", type=int, default=WorkerEnvironment.from_env().prefix_page_keys,
+              show_default=True, help="A prefix job listing more photos than this is split into continuation job "
+                                       "messages of this many keys, sent back to the queue "
+                                       "(env DOGBREEDS_PREFIX_PAGE_KEYS).")
 def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check, min_score,
-        queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined):
+        queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined,
+        prefix_page_keys):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
@@ -211,9 +218,13 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     from worker.poller import Poller, PollerSettings
     from worker.settings import client
 
+    if prefix_page_keys < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--prefix-page-keys")
     pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
                          min_score=min_score)
-    poller = Poller(client("sqs"), pipeline, OutputSettings(output_bucket, output_prefix, jsonl),
+    output = OutputSettings(output_bucket, output_prefix, jsonl, page_keys=prefix_page_keys,
+                            max_prefix_keys=WorkerEnvironment.from_env().max_prefix_keys)
+    poller = Poller(client("sqs"), pipeline, output,
                     PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
                                    heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
                                    until_empty=until_empty, pipelined=pipelined))

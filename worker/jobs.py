@@ -21,15 +21,28 @@ fail only their own message; a photo's transient fault or ``MemoryError``, or an
 fails for that photo alone, fails only the messages naming that photo (see
 :mod:`worker.pipeline`); an exception that escapes the shared classification anyway is retried
 message by message, and fails only the messages whose own classification raises.
+
+Prefix jobs: the listing is checked against ``OutputSettings.page_keys``; a listing of at most
+one page is classified in its own message, a longer one is split into continuation pages sent
+back to the queue (:mod:`worker.continuations`) before its manifest (no items, the pages in
+``continuations``) is written. A listing over ``max_prefix_keys`` is not retried: its manifest
+carries the job error ``too_many_objects`` and the message is done.
+
+Time limits: with a :class:`~worker.deadline.Deadline` (the Lambda handler), no new listing, page
+send, photo read or micro-batch starts once it is reached; the messages not fully answered by
+then fail with a ``deadline: ...`` reason (retried), the others get their manifests as usual.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker import manifests
+from worker.continuations import DEFAULT_PAGE_KEYS, ContinuationSender, Page, split_pages
+from worker.deadline import Deadline, DeadlineReached, check
 from worker.messages import SOURCE_S3_EVENT, Job, MessageError, expand_prefix_job, parse_message
 from worker.observability import logger as log
 from worker.pipeline import Answer, PhotoRequest, Pipeline
@@ -42,7 +55,8 @@ class OutputSettings:
     bucket: str | None = None  # None: the bucket the photos came from
     prefix: str = "manifests"
     jsonl: bool = False
-    max_prefix_keys: int = 100_000
+    max_prefix_keys: int = 100_000  # a longer listing is not classified: job error too_many_objects
+    page_keys: int = DEFAULT_PAGE_KEYS  # a longer listing is split into continuation pages of this size
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,8 @@ class ClassifiedBatch:
     outcomes: dict[str, MessageOutcome]  # messages already settled (ignored, malformed, failed)
     images: int  # distinct photos the batch named (each read once)
     started: float  # perf_counter at the start of classification
+    pages: dict[str, list[Page]] = field(default_factory=dict)  # message id -> continuation pages sent
+    errors: dict[str, manifests.JobError] = field(default_factory=dict)  # message id -> why a job has no items
 
 
 def requests_of(message_id: str, job: Job) -> list[PhotoRequest]:
@@ -96,44 +112,85 @@ def requests_of(message_id: str, job: Job) -> list[PhotoRequest]:
     return [PhotoRequest(message_id, position, ref, exact) for position, ref in enumerate(job.refs)]
 
 
-def parse_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings
-                   ) -> tuple[dict[str, Job], dict[str, MessageOutcome]]:
-    """Jobs of the messages that parse into one (prefix jobs listed), outcomes of the others."""
+def parse_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
+                   deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
+                   ) -> tuple[dict[str, Job], dict[str, MessageOutcome], dict[str, list[Page]],
+                              dict[str, manifests.JobError]]:
+    """Jobs of the messages that parse into one (prefix jobs listed, and split into continuation
+    pages that are sent when the listing is longer than a page), outcomes of the others, the
+    pages sent, and the jobs that have no items for a reason of their own (too_many_objects)."""
     outcomes: dict[str, MessageOutcome] = {}
     jobs: dict[str, Job] = {}
+    pages_of: dict[str, list[Page]] = {}
+    errors: dict[str, manifests.JobError] = {}
     for message in messages:
+        message_id, job = message.message_id, None
         try:
             job = parse_message(message.body)
             if job is None:  # s3:TestEvent: nothing to do, delete it
-                outcomes[message.message_id] = MessageOutcome(message.message_id, True, reason="ignored: s3:TestEvent")
+                outcomes[message_id] = MessageOutcome(message_id, True, reason="ignored: s3:TestEvent")
                 continue
             if job.prefix is not None:
-                job = expand_prefix_job(job, pipeline.s3, max_keys=output.max_prefix_keys)
-            jobs[message.message_id] = job
+                job, pages, error = _expand(message_id, job, pipeline, output, deadline, continuations)
+                if pages:
+                    pages_of[message_id] = pages
+                if error is not None:
+                    errors[message_id] = error
+            jobs[message_id] = job
         except MessageError as error:
-            log.warning("bad message", extra={"message_id": message.message_id, "code": error.code,
-                                              "reason": error.message})
-            outcomes[message.message_id] = MessageOutcome(message.message_id, False, reason=f"{error.code}: {error.message}")
-        except Exception as error:  # noqa: BLE001 - listing failed: retry the message later
-            log.warning("job expansion failed", extra={"message_id": message.message_id, "reason": str(error)})
-            outcomes[message.message_id] = MessageOutcome(message.message_id, False, reason=f"expand: {error}")
-    return jobs, outcomes
+            log.warning("bad message", extra={"message_id": message_id, "code": error.code, "reason": error.message})
+            outcomes[message_id] = MessageOutcome(message_id, False, reason=f"{error.code}: {error.message}")
+        except DeadlineReached as stop:
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id if job else None, reason=str(stop))
+        except Exception as error:  # noqa: BLE001 - listing or sending pages failed: retry the message later
+            log.warning("job expansion failed", extra={"message_id": message_id, "reason": str(error)})
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id if job else None,
+                                                  reason=f"expand: {type(error).__name__}: {error}")
+    return jobs, outcomes, pages_of, errors
 
 
-def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> ClassifiedBatch:
-    """Parse the messages and classify the photos of every job in one pipeline pass."""
+def _expand(message_id: str, job: Job, pipeline: Pipeline, output: OutputSettings, deadline: Deadline | None,
+            continuations: ContinuationSender | None) -> tuple[Job, list[Page], manifests.JobError | None]:
+    """List a prefix job: its photos (one page or less), or its pages, sent (no photos of its
+    own), or a job error (too many photos: retrying cannot change that, the job is done)."""
+    check(deadline, "a prefix listing")
+    try:
+        listed = expand_prefix_job(job, pipeline.s3, max_keys=output.max_prefix_keys, deadline=deadline)
+    except MessageError as error:
+        if error.code != MessageError.TOO_MANY_OBJECTS:
+            raise
+        log.warning("prefix job too large", extra={"message_id": message_id, "job_id": job.job_id,
+                                                   "reason": error.message})
+        return job, [], manifests.JobError(error.code, f"{error.message}: split it into prefix jobs of at most "
+                                                       f"{output.max_prefix_keys} photos")
+    if len(listed.refs) <= output.page_keys:
+        return listed, [], None
+    pages = split_pages(listed, output.page_keys)
+    if continuations is None:
+        raise RuntimeError(f"{len(listed.refs)} photos need continuation pages and no queue was given to send them")
+    continuations.send(message_id, pages, deadline)
+    log.info("prefix job split into continuation pages", extra={"message_id": message_id, "job_id": job.job_id,
+                                                                "photos": len(listed.refs), "pages": len(pages)})
+    return dataclasses.replace(listed, refs=()), pages, None
+
+
+def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
+                      deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
+                      ) -> ClassifiedBatch:
+    """Parse the messages and classify the photos of every job in one pipeline pass; with a
+    ``deadline``, stop taking new work when it is reached (the unfinished messages fail)."""
     started = time.perf_counter()
-    jobs, outcomes = parse_messages(messages, pipeline, output)
+    jobs, outcomes, pages, errors = parse_messages(messages, pipeline, output, deadline, continuations)
     requests = {message_id: requests_of(message_id, job) for message_id, job in jobs.items()}
     answers: list[Answer] = []
     try:
-        answers = pipeline.answer([r for mine in requests.values() for r in mine])
+        answers = pipeline.answer([r for mine in requests.values() for r in mine], deadline=deadline)
     except Exception:  # noqa: BLE001 - escaped the per-photo isolation: retry message by message
         log.exception("the shared classification of a batch failed: retrying message by message")
         answers = []
         for message_id, mine in requests.items():
             try:
-                answers += pipeline.answer(mine)
+                answers += pipeline.answer(mine, deadline=deadline)
             except Exception as error:  # noqa: BLE001 - fails this message only (retried later)
                 log.exception("classification failed", extra={"message_id": message_id})
                 outcomes[message_id] = MessageOutcome(message_id, False, jobs[message_id].job_id,
@@ -151,7 +208,7 @@ def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output:
         else:
             outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=reason)
     photos = len({_photo_key(r.ref) for mine in requests.values() for r in mine})
-    return ClassifiedBatch(list(messages), jobs, items_of, outcomes, photos, started)
+    return ClassifiedBatch(list(messages), jobs, items_of, outcomes, photos, started, pages, errors)
 
 
 def _items(requests: list[PhotoRequest], answers: list[Answer]) -> tuple[list, str | None]:
@@ -181,7 +238,7 @@ def write_manifest(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, 
         return batch.outcomes[message_id]
     job = batch.jobs[message_id]
     try:
-        return _write(job, batch.items_of[message_id], message_id, pipeline, output)
+        return _write(batch, message_id, pipeline, output)
     except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
         log.exception("manifest write failed", extra={"message_id": message_id})
         return MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
@@ -197,18 +254,37 @@ def write_manifests(batch: ClassifiedBatch, pipeline: Pipeline, output: OutputSe
     return BatchOutcome(outcomes, batch.images, time.perf_counter() - batch.started)
 
 
-def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
+def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
+                     deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
+                     ) -> BatchOutcome:
     """Classify the messages' photos, then write their manifests."""
-    return write_manifests(classify_messages(messages, pipeline, output), pipeline, output)
+    return write_manifests(classify_messages(messages, pipeline, output, deadline, continuations), pipeline, output)
 
 
-def _write(job: Job, items, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
+def _manifest_uri(job: Job, job_id: str, output: OutputSettings) -> tuple[str, str] | None:
+    """(bucket, key) of a job's manifest; None for an event that named no photo."""
     bucket = output.bucket or job.bucket or (job.refs[0].bucket if job.refs else None)
     if bucket is None:
-        return MessageOutcome(message_id, True, job.job_id, reason="no photos in this event")
+        return None
     prefix = job.output_prefix if job.output_prefix is not None else output.prefix
-    key = manifests.manifest_key(prefix, job.job_id, jsonl=output.jsonl)
-    document = manifests.build_manifest(job.job_id, job.source, pipeline.classifier.model_info, items)
+    return bucket, manifests.manifest_key(prefix, job_id, jsonl=output.jsonl)
+
+
+def _continuation(job: Job, page: Page, output: OutputSettings) -> manifests.Continuation:
+    bucket, key = _manifest_uri(job, page.job_id, output)
+    return manifests.Continuation(page.job_id, f"s3://{bucket}/{key}", len(page.keys), page.keys[0], page.keys[-1])
+
+
+def _write(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
+    job, items = batch.jobs[message_id], batch.items_of[message_id]
+    where = _manifest_uri(job, job.job_id, output)
+    if where is None:
+        return MessageOutcome(message_id, True, job.job_id, reason="no photos in this event")
+    bucket, key = where
+    document = manifests.build_manifest(
+        job.job_id, job.source, pipeline.classifier.model_info, items,
+        continuations=[_continuation(job, page, output) for page in batch.pages.get(message_id, ())],
+        error=batch.errors.get(message_id))
     manifests.write_manifest(pipeline.s3, bucket, key, document, jsonl=output.jsonl)
     return MessageOutcome(message_id, True, job.job_id, f"s3://{bucket}/{key}", counts=dict(document.counts),
                           timings_ms=_stage_totals(items))

@@ -12,7 +12,8 @@ A manifest is the JSON document :mod:`worker.manifests` writes (``schema_version
 ``model``, ``items``) or its JSON Lines form (one item per line, each with ``job_id``). Items
 are read as plain dicts, not through :class:`worker.manifests.ItemResult`, so fields that newer
 workers add (``dog_score``, the ``no_dog`` / ``uncertain`` statuses, anything unknown) pass
-through. A file that is not a manifest (another JSON file in the folder, a broken upload) is
+through. The job-level lines of a JSON Lines manifest (a split prefix job's ``continuation``
+pages, a job ``error``) are not items: skipped (the pages' own manifests hold their items). A file that is not a manifest (another JSON file in the folder, a broken upload) is
 recorded as a :class:`ManifestProblem` and skipped, never a crash.
 """
 
@@ -165,6 +166,8 @@ def parse_manifest(text: str | bytes, location: str) -> list[ManifestItem]:
                 for raw in document["items"]]
     if isinstance(document, dict) and "bucket" in document and "key" in document:
         return [_item(document, location, None, None, False)]  # JSON Lines with a single item
+    if _job_level(document):
+        return []  # JSON Lines with a single job-level line
     if document is not None:
         raise ManifestError("JSON, but not a manifest (no 'items')")
     items = []
@@ -176,8 +179,15 @@ def parse_manifest(text: str | bytes, location: str) -> list[ManifestItem]:
             raw = json.loads(line)
         except json.JSONDecodeError as error:
             raise ManifestError(f"line {number} is not JSON ({error.msg})") from error
-        items.append(_item(raw, location, None, None, False))
+        if not _job_level(raw):
+            items.append(_item(raw, location, None, None, False))
     return items
+
+
+def _job_level(line: Any) -> bool:
+    """A JSON Lines line about the job, not an item: ``{"job_id", "continuation": {...}}`` or
+    ``{"job_id", "error": {...}}`` (manifest schema 2)."""
+    return isinstance(line, dict) and "key" not in line and ("continuation" in line or "error" in line)
 
 
 class ManifestSource:

@@ -27,6 +27,12 @@ What a request gets, photo by photo (one photo's fault never touches another pho
   an inference that fails for this photo alone too (a micro-batch whose inference raises is
   retried photo by photo, once). A failure is never written as an item: the messages naming
   the photo are left in the queue and retried.
+
+With a :class:`~worker.deadline.Deadline` (a Lambda invocation), :meth:`Pipeline.answer` starts
+no new read and no new micro-batch once the deadline is reached, and waits for a read in flight
+no longer than the deadline: every request not answered by then gets a ``deadline`` failure (its
+message is retried). Requests are worked through in order, so the messages named first finish
+first.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,6 +51,7 @@ from botocore.exceptions import ClientError
 
 from worker import images
 from worker.classifier import Classifier
+from worker.deadline import Deadline, DeadlineReached, check, expired, seconds_left
 from worker.decode_budget import DecodeBudget
 from worker.manifests import ItemResult, TopK
 from worker.messages import ImageRef
@@ -288,29 +296,42 @@ class Pipeline:
         with self._ahead_lock:
             return self._ahead.pop(read, None)
 
-    def answer(self, requests: Sequence[PhotoRequest], progress=None) -> list[Answer]:
+    def answer(self, requests: Sequence[PhotoRequest], progress=None, deadline: Deadline | None = None
+               ) -> list[Answer]:
         """One :class:`Answer` per request (in no particular order: each carries its request).
         Each object is read, decoded and inferred once however many requests name it.
         ``progress(n)`` is called as photos are read. Prefetched photos of ``requests`` not taken
-        (an exception half way) are dropped: a retry fetches them afresh."""
+        (an exception half way) are dropped: a retry fetches them afresh. Once ``deadline`` is
+        reached no new read or inference starts: the requests not answered yet get a
+        ``deadline`` failure."""
         groups = _group(requests)
         answers: list[Answer] = []
         batch: list[tuple[Fetched, list[PhotoRequest]]] = []
         try:
-            for fetched in self._fetched(list(groups)):
-                group = groups[fetched.ref]
-                if progress:
-                    progress(len(group))
-                answers += self._settle_read(fetched, group)
-                accepted = [r for r in group if r.accepts(fetched.etag)]
-                if fetched.failure or fetched.error or not accepted:
-                    answers += [_unread_answer(r, fetched) for r in accepted]
-                    continue
-                batch.append((fetched, accepted))
-                if len(batch) >= self.settings.batch_size:
-                    answers += self._infer(batch)
-                    batch = []
-            answers += self._infer(batch)
+            try:
+                for fetched in self._fetched(list(groups), deadline):
+                    group = groups[fetched.ref]
+                    if progress:
+                        progress(len(group))
+                    answers += self._settle_read(fetched, group)
+                    accepted = [r for r in group if r.accepts(fetched.etag)]
+                    if fetched.failure or fetched.error or not accepted:
+                        answers += [_unread_answer(r, fetched) for r in accepted]
+                        continue
+                    batch.append((fetched, accepted))
+                    if len(batch) >= self.settings.batch_size:
+                        check(deadline, "a micro-batch inference")
+                        answers += self._infer(batch, deadline=deadline)
+                        batch = []
+                if batch:
+                    check(deadline, "a micro-batch inference")
+                    answers += self._infer(batch, deadline=deadline)
+            except DeadlineReached as stop:
+                answered = {a.request for a in answers}
+                unanswered = [r for r in requests if r not in answered]
+                log.info("deadline reached: photos left for a retry", extra={"photos": len(unanswered),
+                                                                            "reason": str(stop)})
+                answers += [Answer(r, failure=str(stop)) for r in unanswered]
         finally:
             self.discard_prefetched(groups)
         return answers
@@ -332,25 +353,29 @@ class Pipeline:
                                   f"now {fetched.etag})", timings_ms=fetched.timings_ms))
                 for r in group if not r.accepts(fetched.etag)]
 
-    def _fetched(self, reads: Sequence[ImageRef]):
-        """Fetch with a bounded look-ahead (taking prefetched photos); yields in input order."""
+    def _fetched(self, reads: Sequence[ImageRef], deadline: Deadline | None = None):
+        """Fetch with a bounded look-ahead (taking prefetched photos); yields in input order.
+        Raises DeadlineReached before a new read once the deadline is reached, and when a read
+        in flight is not back by then."""
         pending: deque[Future] = deque()
         iterator = iter(reads)
         try:
             for read in iterator:
+                check(deadline, "a photo read")
                 pending.append(self._take_prefetched(read) or self._submit(read))
                 if len(pending) >= self.settings.window:
-                    yield pending.popleft().result()
+                    yield _result(pending.popleft(), deadline)
             while pending:
-                yield pending.popleft().result()
+                yield _result(pending.popleft(), deadline)
         finally:
             for future in pending:
                 future.cancel()
 
-    def _infer(self, batch: list[tuple[Fetched, list[PhotoRequest]]], retry: bool = True) -> list[Answer]:
-        """Infer a micro-batch; if that raises, each photo once more alone; a photo whose
-        inference fails alone too fails the messages naming it (a retry), never an item: its
-        pixels decoded fine."""
+    def _infer(self, batch: list[tuple[Fetched, list[PhotoRequest]]], retry: bool = True,
+               deadline: Deadline | None = None) -> list[Answer]:
+        """Infer a micro-batch; if that raises, each photo once more alone (while the deadline
+        allows); a photo whose inference fails alone too fails the messages naming it (a
+        retry), never an item: its pixels decoded fine."""
         if not batch:
             return []
         started = time.perf_counter()
@@ -362,7 +387,14 @@ class Pipeline:
             if retry:
                 log.warning("inference failed: retrying photo by photo",
                             extra={"photos": len(batch), "reason": f"{type(error).__name__}: {error}"})
-                return [answer for one in batch for answer in self._infer([one], retry=False)]
+                answers = []
+                for one in batch:
+                    if expired(deadline):
+                        answers += [Answer(r, failure="deadline: inference not retried photo by photo")
+                                    for r in one[1]]
+                    else:
+                        answers += self._infer([one], retry=False)
+                return answers
             fetched, group = batch[0]
             log.warning("inference of one photo failed: its messages will be retried",
                         extra={"bucket": fetched.ref.bucket, "key": fetched.ref.key,
@@ -384,6 +416,15 @@ def _group(requests: Iterable[PhotoRequest]) -> dict[ImageRef, list[PhotoRequest
     for request in requests:
         by_photo.setdefault(_photo_of(request.ref), []).append(request)
     return {read_of(group): group for group in by_photo.values()}
+
+
+def _result(future: Future, deadline: Deadline | None) -> Fetched:
+    """A read's result, waiting no longer than the deadline allows."""
+    try:
+        return future.result(timeout=seconds_left(deadline))
+    except FutureTimeout:
+        future.cancel()
+        raise DeadlineReached("deadline: a photo read still in flight") from None
 
 
 def _unread_answer(request: PhotoRequest, fetched: Fetched) -> Answer:

@@ -27,8 +27,9 @@ Queue bookkeeping:
 * An exception that escapes the classification of a batch (a bug) hands that batch back for a
   retry; a failed receive is retried with a backoff: neither stops the poller.
 
-The stop is checked before any new work is taken (a receive, a classification): a deadline
-can be checked at the same places.
+The stop is checked before any new work is taken (a receive, a classification). The poller has
+no deadline; a prefix job longer than a page is split into continuation pages sent back to its
+queue, as in the Lambda handler (:mod:`worker.continuations`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 
 from aws_lambda_powertools.metrics import MetricUnit
 
+from worker.continuations import ContinuationSender
 from worker.jobs import (
     BatchOutcome,
     ClassifiedBatch,
@@ -55,8 +57,7 @@ from worker.jobs import (
 from worker.messages import MessageError, parse_message
 from worker.observability import logger, metrics, metrics_for_batch
 from worker.pipeline import Pipeline
-
-SQS_BATCH = 10  # entries per *_batch call (the SQS maximum)
+from worker.sqs import SQS_BATCH, send_entries  # noqa: F401 - SQS_BATCH re-exported
 
 
 @dataclass(frozen=True)
@@ -121,41 +122,6 @@ class InFlight:
             return list(self._receipts.items())
 
 
-def send_entries(call, queue_url: str, entries: list[dict], what: str, attempts: int = 3,
-                 backoff: float = 0.2) -> list[dict]:
-    """``call`` (an SQS ``*_batch`` method) over ``entries`` in chunks of ten; the entries SQS
-    answers as ``Failed`` (or whose call raised after boto3's retries) are logged and retried,
-    ``attempts`` tries in all; sender faults (an invalid receipt handle) are not retried.
-    Returns the entries that still failed."""
-    remaining, final = list(entries), []
-    for attempt in range(attempts):
-        if attempt and backoff:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        retry = []
-        for start in range(0, len(remaining), SQS_BATCH):
-            chunk = remaining[start:start + SQS_BATCH]
-            try:
-                response = call(QueueUrl=queue_url, Entries=chunk)
-            except Exception as error:  # noqa: BLE001 - after boto3's own retries
-                logger.warning(f"{what} failed", extra={"entries": len(chunk), "attempt": attempt + 1,
-                                                        "reason": f"{type(error).__name__}: {error}"})
-                retry += chunk
-                continue
-            by_id = {entry["Id"]: entry for entry in chunk}
-            for failed in response.get("Failed") or []:
-                entry = by_id.get(failed.get("Id"))
-                if entry is None:
-                    continue
-                logger.warning(f"{what} failed for a message", extra={
-                    "attempt": attempt + 1, "code": failed.get("Code"), "reason": failed.get("Message"),
-                    "sender_fault": failed.get("SenderFault")})
-                (final if failed.get("SenderFault") else retry).append(entry)
-        remaining = retry
-        if not remaining:
-            return final
-    return remaining + final
-
-
 class Heartbeat:
     """Renews the visibility of in-flight messages every ``every`` seconds until stopped."""
 
@@ -199,6 +165,10 @@ class Poller:
         self._wake = threading.Event()  # set by stop() and by a receive coming back
         self.in_flight = InFlight()
         self.handed_back = 0  # messages received but never started, given back (visible at once)
+        # a prefix job longer than a page sends its pages back to this queue (no deadline here:
+        # the pages keep each message's work bounded, so the visibility timeout stays meaningful)
+        self.continuations = ContinuationSender(sqs, lambda _message_id: settings.queue_url, settings.queue_attempts,
+                                                settings.queue_backoff_seconds)
 
     def stop(self, *_args) -> None:
         """Finish the batch in hand, then return from run()."""
@@ -375,7 +345,7 @@ class Poller:
 
     def classify(self, received: list[dict]) -> ClassifiedBatch:
         return classify_messages([QueuedMessage(m["MessageId"], m["Body"]) for m in received], self.pipeline,
-                                 self.output)
+                                 self.output, continuations=self.continuations)
 
     def finish(self, received: list[dict], classified: ClassifiedBatch) -> BatchOutcome:
         """Write the manifests, delete the messages that succeeded, and make the failed ones

@@ -23,6 +23,12 @@ ENV = {
     "DOGBREEDS_JSONL": "1 to write JSON Lines manifests (.jsonl) instead of JSON",
     "DOGBREEDS_RUNTIME": "model variant: auto (default: the fastest one the artifact carries whose recorded "
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
+    "DOGBREEDS_LAMBDA_SAFETY_MS": "Lambda only: stop taking new work this many ms before the invocation's end; "
+                                  "unfinished messages are retried (default: 10000)",
+    "DOGBREEDS_PREFIX_PAGE_KEYS": "a prefix job listing more photos than this is split into continuation job "
+                                  "messages of this many keys, sent back to its queue (default: 100)",
+    "DOGBREEDS_MAX_PREFIX_KEYS": "a prefix job listing more photos than this gets the job error too_many_objects "
+                                 "(default: 100000)",
     "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
     "DOGBREEDS_DOG_CHECK": "0 to turn the model's dog check off (default 1: photos scoring below the artifact's "
@@ -51,6 +57,9 @@ class WorkerEnvironment:
     dog_check: bool = True
     min_score: float | None = None
     decode_budget_pixels: int | None = None
+    lambda_safety_ms: int = 10_000  # worker.deadline.DEFAULT_SAFETY_MS
+    prefix_page_keys: int = 100  # worker.continuations.DEFAULT_PAGE_KEYS
+    max_prefix_keys: int = 100_000
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -68,6 +77,9 @@ class WorkerEnvironment:
             min_score=float(env["DOGBREEDS_MIN_SCORE"]) if env.get("DOGBREEDS_MIN_SCORE", "").strip() else None,
             decode_budget_pixels=int(env["DOGBREEDS_DECODE_BUDGET_PIXELS"]) if env.get("DOGBREEDS_DECODE_BUDGET_PIXELS")
             else None,
+            lambda_safety_ms=int(env.get("DOGBREEDS_LAMBDA_SAFETY_MS") or 10_000),
+            prefix_page_keys=int(env.get("DOGBREEDS_PREFIX_PAGE_KEYS") or 100),
+            max_prefix_keys=int(env.get("DOGBREEDS_MAX_PREFIX_KEYS") or 100_000),
         )
 
 

@@ -209,7 +209,8 @@ def test_moto_policy_evaluation_of_the_task_role(template):
         ("s3:PutObject", f"{bucket}/incoming/x.jpg", False),
         ("s3:GetObject", f"{bucket}/manifests/0f3a.json", False),
         ("s3:DeleteObject", f"{bucket}/incoming/x.jpg", False),
-        ("sqs:SendMessage", QUEUE_ARN, False),
+        ("sqs:SendMessage", QUEUE_ARN, True),  # continuation pages of a long prefix job
+        ("sqs:SendMessage", f"arn:aws:sqs:{REGION}:{ACCOUNT}:{REQUIRED['QueueName']}-dlq", False),
         ("sqs:PurgeQueue", QUEUE_ARN, False),
         ("sqs:ReceiveMessage", f"arn:aws:sqs:{REGION}:{ACCOUNT}:{REQUIRED['QueueName']}-dlq", False),
         ("sqs:ReceiveMessage", f"arn:aws:sqs:{REGION}:{ACCOUNT}:another-queue", False),

@@ -113,7 +113,7 @@ def test_classified_items_name_a_breed_only_when_ok():
     with pytest.raises(ValueError):
         ItemResult.classified("b", "x.jpg", status="ok", top_k=[])
     doc = json.loads(build_manifest("job", "job", {"name": "m"}, [ok, cat, unsure]).to_json())
-    assert doc["schema_version"] == 2
+    assert doc["schema_version"] == 3
     assert doc["counts"] == {"ok": 1, "error": 0, "no_dog": 1, "uncertain": 1}
     by_key = {i["key"]: i for i in doc["items"]}
     assert by_key["cat.jpg"]["status"] == "no_dog" and by_key["cat.jpg"]["dog_score"] == 0.02

@@ -44,7 +44,7 @@ class StubPipeline:
     def __init__(self, s3):
         self.s3 = s3
 
-    def answer(self, requests):
+    def answer(self, requests, deadline=None):
         return [Answer(r, ItemResult.success(r.ref.bucket, r.ref.key, breed="beagle", synset="n02088364", score=0.9,
                                              top_k=[], etag=None, version_id=None, timings_ms={"infer": 1.0}))
                 for r in requests]
@@ -134,7 +134,7 @@ class PoisonPipeline(StubPipeline):
         super().__init__(s3)
         self.calls = []
 
-    def answer(self, requests):
+    def answer(self, requests, deadline=None):
         self.calls.append(sorted({r.message_id for r in requests}))
         if any(r.ref.key == "poison.png" for r in requests):
             raise RuntimeError("a bug")

@@ -125,3 +125,18 @@ def test_an_s3_prefix_source_pages_through_the_listing(mock_s3):
     assert one.locations() == ["s3://results/manifests/x.jsonl"] and len(list(one.items())) == len(every_status_items())
     gone = ManifestSource("s3://results/manifests/gone.json", mock_s3)
     assert list(gone.items()) == [] and "unreadable" in gone.problems[0].reason
+
+
+def test_the_job_level_lines_of_a_split_prefix_job_or_a_job_error_are_not_items():
+    from worker.manifests import Continuation, JobError
+
+    pages = [Continuation(f"big.p000{n}-0a1b2c3d", f"s3://b/m/big.p000{n}-0a1b2c3d.json", 100, "a", "z")
+             for n in (1, 2)]
+    split = build_manifest("big", "prefix-job", MODEL, [], continuations=pages)
+    failed = build_manifest("huge", "prefix-job", MODEL, [], error=JobError("too_many_objects", "more than 10"))
+    for manifest in (split, failed):
+        assert parse_manifest(manifest.to_json(), "m.json") == []
+        assert parse_manifest(manifest.to_jsonl(), "m.jsonl") == []
+    item = ItemResult.success("b", "a.jpg", breed="beagle", synset="n02088364", score=0.9)
+    mixed = build_manifest("j", "job", MODEL, [item], continuations=pages[:1])
+    assert [i.key for i in parse_manifest(mixed.to_jsonl(), "m.jsonl")] == ["a.jpg"]

@@ -133,7 +133,7 @@ class FakePipeline:
     def discard_prefetched(self, reads=None):
         self.log.add("discard", None)
 
-    def answer(self, requests):
+    def answer(self, requests, deadline=None):
         n, self.calls = self.calls, self.calls + 1
         keys = tuple(r.ref.key for r in requests)
         self.log.add("classify-start", keys)
