@@ -261,6 +261,19 @@ def lite0_scores_features(args) -> dict:
             "nd_test": nd["test"][0]}
 
 
+def dog_mass_threshold(args) -> dict:
+    """Candidate (a)'s threshold, chosen as in the full run (trainer.dog_check.choose_threshold on
+    the Stanford validation dogs and the val part of the not-dogs), and what it does on them."""
+    from trainer import dog_check, imagenet
+
+    lite0 = lite0_scores_features(args)
+    dogs, others = imagenet.dog_mass(lite0["val_dogs"]), imagenet.dog_mass(lite0["nd_val"])
+    threshold = dog_check.choose_threshold(dogs, others)
+    return {"threshold": threshold, "image_size": CONFIGS["lite0-320"][1], "val_dogs": len(dogs),
+            "val_dogs_lost": round(float((dogs < threshold).mean()), 4), "val_not_dogs": len(others),
+            "val_not_dogs_no_dog": round(float((others < threshold).mean()), 4)}
+
+
 def serving_cost(name: str, args, seconds: float = 15.0, rounds: int = 3) -> dict:
     """Images/s of the served model (OpenVINO int8, as the worker serves it, batch 16) without a
     dog check, with the dog head, and with the ImageNet dog mass (for VGG16: a second, Lite0,
@@ -358,6 +371,9 @@ def main() -> None:
     parser.add_argument("--features-only", action="store_true", help="Only compute (cache) the features.")
     parser.add_argument("--cost", action="store_true",
                         help="Only measure the serving cost of each candidate (OpenVINO int8 images/s, batch 16).")
+    parser.add_argument("--dog-mass-threshold", action="store_true",
+                        help="Only choose candidate (a)'s threshold (Lite0 320 px ImageNet dog mass) on the validation "
+                             "photos, as the full run does: the value trainer/baseline.py ships.")
     parser.add_argument("--json", action="store_true", help="Print the results as one JSON list.")
     parser.add_argument("--out", help="Also write the JSON results to this file.")
     args = parser.parse_args()
@@ -368,6 +384,9 @@ def main() -> None:
             print(name, not_dog_features(name, Path(args.data_root), common)[0].shape, flush=True)
             print(name, outside_features(name, Path(args.data_root), common)[0].shape, flush=True)
             print(name, stanford(name, Path(args.data_root), args.cache_dir).x_test.shape, flush=True)
+        return
+    if args.dog_mass_threshold:
+        print(json.dumps(dog_mass_threshold(args), indent=1))
         return
     if args.cost:
         costs = {name: serving_cost(name, args) for name in names}

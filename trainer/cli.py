@@ -151,7 +151,9 @@ def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size
         click.echo(f"dog check ({check['method']}, threshold {check['threshold']}): no_dog on not-dog photos: "
                    f"{groups}; dogs lost {test['dogs_lost']:.1%} of {test['dogs']}")
     else:
-        click.echo("dog check: NONE (no not-dog photos found, or --dog-check none): every photo will get a breed")
+        from trainer.publish import no_dog_check_caveat
+
+        click.echo(f"dog check: NONE. {no_dog_check_caveat(run)}")
     click.echo(f"run saved in {run_dir}")
 
 

@@ -73,6 +73,17 @@ def scoring_fields(run: dict, num_classes: int) -> dict:
     return fields
 
 
+def no_dog_check_caveat(run: dict) -> str:
+    """Why a model has no dog check, for its card."""
+    if models.get_family(run["family"]).inputs != "features":
+        return ("This model has NO dog check: it was trained from scratch, with no frozen backbone whose pooled "
+                "features a dog/not-dog head could read in the same forward pass, so a photo without a dog still "
+                "gets a breed. Where such photos can arrive, serve a transfer model (or the ImageNet baseline, "
+                "`dogbreeds-train imagenet-baseline`), which has one.")
+    return ("This model has NO dog check (fitted with `--dog-check none` or without not-dog photos): a photo "
+            "without a dog still gets a breed.")
+
+
 def model_card(run: dict, name: str) -> str:
     config, metrics, weights = run["config"], run["metrics"]["test"], run["weights"]
     hp = "\n".join(f"| {k} | {v} |" for k, v in sorted(run["hyperparameters"].items()))
@@ -85,7 +96,7 @@ def model_card(run: dict, name: str) -> str:
         caveats.append("Preprocessing 'seed' (equalise + [0,1]) does not match the ImageNet backbone's input range.")
     caveats.append("Trained on Stanford Dogs photos (ImageNet): non-commercial research and education use.")
     if not run.get("dog_check"):
-        caveats.append("This model has NO dog check: a photo without a dog still gets a breed.")
+        caveats.append(no_dog_check_caveat(run))
     caveats.append("The dog score is not a calibrated probability: only its threshold was chosen (on validation "
                    "photos); the breed scores are probabilities of the breed GIVEN a dog of these breeds.")
     return f"""# {name}: dog breed classifier

@@ -118,3 +118,11 @@ def test_classified_items_name_a_breed_only_when_ok():
     by_key = {i["key"]: i for i in doc["items"]}
     assert by_key["cat.jpg"]["status"] == "no_dog" and by_key["cat.jpg"]["dog_score"] == 0.02
     assert by_key["cat.jpg"]["breed"] is None and by_key["cat.jpg"]["top_k"][0]["breed"] == "beagle"
+
+
+def test_a_model_without_a_dog_check_says_why_on_its_card():
+    from trainer.publish import no_dog_check_caveat
+
+    scratch, transfer = no_dog_check_caveat({"family": "vgg16_scratch_1"}), no_dog_check_caveat({"family": "vgg16_transfer"})
+    assert "NO dog check" in scratch and "from scratch" in scratch and "transfer model" in scratch
+    assert "NO dog check" in transfer and "from scratch" not in transfer and "--dog-check none" in transfer
