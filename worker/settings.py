@@ -21,6 +21,11 @@ ENV = {
     "DOGBREEDS_RUNTIME": "model variant: auto (default: the fastest one the artifact carries whose recorded "
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
     "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
+    "DOGBREEDS_ALLOW_SAVEDMODEL": "1 to let auto serve the TensorFlow SavedModel (a program: its graph can read files "
+                                  "and environment variables); default: only the data-only OpenVINO variants",
+    "DOGBREEDS_TRUSTED_KEY": "the public key artifacts must be signed with: a PEM file, an inline PEM, or "
+                             "kms://<key id, alias/name or ARN>; unset: serve unverified artifacts (with a warning)",
+    "DOGBREEDS_MODEL_DIGEST": "sha256 of the manifest.json to serve (optional pin; any other manifest is refused)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
 }
 
@@ -39,6 +44,8 @@ class WorkerEnvironment:
     top_k: int
     jsonl: bool
     runtime: str = "auto"
+    trusted_key: str | None = None
+    model_digest: str | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -52,6 +59,8 @@ class WorkerEnvironment:
             top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
             jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
             runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
+            trusted_key=env.get("DOGBREEDS_TRUSTED_KEY") or None,
+            model_digest=env.get("DOGBREEDS_MODEL_DIGEST") or None,
         )
 
 
