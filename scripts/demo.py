@@ -4,9 +4,13 @@
    ``incoming/`` prefix notifies a queue (with a dead-letter queue);
 2. ``dogbreeds-train fit``: a frozen-VGG16 (ImageNet weights) transfer model on the sample
    photos' official train split;
-3. ``dogbreeds-train publish`` the artifact to ``s3://<bucket>/models/``;
+3. ``dogbreeds-train keygen``: a signing key pair in ``demo-output/`` (``signing.key``,
+   ``signing.pub``), then ``dogbreeds-train publish --sign-key`` the artifact, signed, to
+   ``s3://<bucket>/models/``;
 4. drop the held-out sample photos (official test split) into ``incoming/``;
-5. ``dogbreeds-worker run --until-empty`` drains the queue and writes one manifest per photo;
+5. ``dogbreeds-worker run --until-empty`` serves the published version, pinned, and only if its
+   signature verifies with ``signing.pub`` (``--trusted-key``); it drains the queue and writes one
+   manifest per photo;
 6. print the manifests as a table, true breed beside prediction, and stop the server.
 
 It runs the same console commands a user would."""
@@ -63,16 +67,19 @@ def main() -> None:
         run("dogbreeds-train", "fit", str(photos), "--model", args.model, "--split-file", str(split),
             "--run-dir", str(out / "run"), "--augment-copies", args.augment_copies, "--epochs", "60",
             "--cache-dir", str(out / "cache"), env=env)
+        run("dogbreeds-train", "keygen", str(out / "signing"), env=env)
         run("dogbreeds-train", "publish", str(out / "run"), "--to", f"s3://{stack.bucket}/models",
-            "--name", "demo-breeds", env=env)
+            "--name", "demo-breeds", "--sign-key", str(out / "signing.key"), env=env)
+        version = s3.get_object(Bucket=stack.bucket, Key="models/demo-breeds/latest")["Body"].read().decode()
 
         test_photos = held_out_photos(photos, split)
         for path in test_photos:
             s3.upload_file(str(path), stack.bucket, f"incoming/{path.parent.name}/{path.name}")
         print(f"\nuploaded {len(test_photos)} held-out photos to s3://{stack.bucket}/incoming/")
 
-        run("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds",
-            "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "2", env=env)
+        run("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds/{version}",
+            "--trusted-key", str(out / "signing.pub"), "--queue-url", stack.queue_url, "--until-empty",
+            "--wait-seconds", "2", env=env)
 
         items = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix="manifests/"):

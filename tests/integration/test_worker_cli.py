@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import boto3
@@ -54,7 +55,8 @@ def test_classify_a_local_folder_writes_one_manifest(tmp_path, colour_artifact):
     by_key = {item["key"]: item for item in doc["items"]}
     assert by_key["sub/samoyed.png"]["breed"] == "Samoyed"
     assert by_key["broken.jpg"]["status"] == "error"
-    assert doc["model"] == {"name": "colours", "version": "v1", "runtime": "tf"}
+    digest = hashlib.sha256((colour_artifact / "manifest.json").read_bytes()).hexdigest()
+    assert doc["model"] == {"name": "colours", "version": "v1", "runtime": "tf", "manifest_sha256": digest}
 
 
 def test_classify_an_s3_prefix_writes_the_manifest_to_s3(moto_server, colour_artifact):
