@@ -652,6 +652,8 @@ def _copy_artifact_files(local: Path, manifest: ArtifactManifest, parent: Path, 
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local / rel, tmp / rel)
         (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        if (local / SIGNATURE_FILE).is_file():
+            shutil.copyfile(local / SIGNATURE_FILE, tmp / SIGNATURE_FILE)
         verify_artifact(tmp)
         _install_dir(tmp, dest)
     finally:

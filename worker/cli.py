@@ -58,6 +58,14 @@ def trust_options(command):
     return command
 
 
+def _logs_to_stderr() -> None:
+    """predict and classify print their results on stdout: their log lines (which model, whether
+    it was verified) go to stderr."""
+    from worker.observability import logger
+
+    logger.registered_handler.setStream(sys.stderr)
+
+
 def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
     from worker.images import IMAGE_SUFFIXES
 
@@ -92,6 +100,7 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime, trusted_key, 
 
     from worker.images import ImageDecodeError, load_image
 
+    _logs_to_stderr()
     classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, runtime=runtime)
     files, had_folder = _photo_paths(paths)
     results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
@@ -237,6 +246,7 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     from worker.pipeline import LocalReader
     from worker.s3uri import S3Uri
 
+    _logs_to_stderr()
     job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     if source.startswith("s3://"):
         uri = S3Uri.parse(source)

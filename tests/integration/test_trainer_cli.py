@@ -81,7 +81,7 @@ def test_publish_then_predict_serves_the_same_predictions_as_training(fitted_run
                                           "--trusted-key", str(public), *[str(SAMPLES / p) for p in test_photos]],
                              catch_exceptions=False)
     assert out.exit_code == 0, out.output
-    rows = [json.loads(line) for line in out.output.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     correct = sum(r["synset"] == Path(r["path"]).parent.name.split("-")[0] for r in rows)
     assert correct / len(rows) == pytest.approx(expected["top1"], abs=1 / 18 + 1e-9)
 

@@ -314,7 +314,7 @@ def test_cli_predict_runtime_option(fast_colour_artifact, tmp_path):
     result = CliRunner().invoke(main, ["predict", "--model", str(fast_colour_artifact), "--runtime", "openvino-int8", "--json",
                                        str(tmp_path)])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["breed"] for r in rows] == [f.split("-", 1)[1] for f in COLOUR_BREEDS]
     bad = CliRunner().invoke(main, ["predict", "--model", str(fast_colour_artifact), "--runtime", "onnx", str(tmp_path)])
     assert bad.exit_code == 1 and "not in this artifact" in bad.output  # a one-line refusal, not a traceback

@@ -416,3 +416,27 @@ def test_the_worker_logs_what_it_serves_and_warns_when_unverified(signed, keys, 
         model = record.model
         assert (model["name"], model["version"], model["manifest_sha256"], model["signature"]) == (
             "colours-fast", "v1", digest, state)
+
+
+def test_registries_carry_the_signature(signed, keys, s3, tmp_path):
+    """publish's two destinations keep manifest.sig beside manifest.json: a local registry and S3
+    (whose cached copy then verifies offline, and a worker without a key caches it too)."""
+    from worker.artifact import copy_to_local_registry
+
+    version = copy_to_local_registry(signed, tmp_path / "registry")
+    assert (version / "manifest.sig").read_bytes() == (signed / "manifest.sig").read_bytes()
+    assert load_artifact(str(tmp_path / "registry" / "colours-fast"), trust=trusting(keys["pub"])).provenance.verified
+
+    uri = upload_artifact(signed, f"s3://{BUCKET}/models", s3=s3)
+    prefix = uri.split(f"s3://{BUCKET}/", 1)[1]
+    assert s3.get_object(Bucket=BUCKET, Key=f"{prefix}/manifest.sig")["Body"].read() == (
+        signed / "manifest.sig").read_bytes()
+    cache = tmp_path / "cache"
+    assert not load_artifact(uri, s3=s3, cache_dir=cache, trust=TrustPolicy()).provenance.verified
+    gets = []
+    s3.meta.events.register("provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"]))
+    assert load_artifact(uri, s3=s3, cache_dir=cache, trust=trusting(keys["pub"])).provenance.verified
+    assert set(gets) <= {f"{prefix}/manifest.json", f"{prefix}/manifest.sig"}  # no model file again
+    gets.clear()
+    assert load_artifact(uri, s3=s3, cache_dir=cache, trust=trusting(keys["pub"])).provenance.verified
+    assert gets == []  # a pinned, cached, signed version: verified without S3
