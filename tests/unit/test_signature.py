@@ -440,3 +440,22 @@ def test_registries_carry_the_signature(signed, keys, s3, tmp_path):
     gets.clear()
     assert load_artifact(uri, s3=s3, cache_dir=cache, trust=trusting(keys["pub"])).provenance.verified
     assert gets == []  # a pinned, cached, signed version: verified without S3
+
+
+def test_the_lambda_handler_takes_its_trusted_key_from_its_environment(signed, keys, evil_savedmodel, model_loads,
+                                                                      monkeypatch, aws_env):
+    """The function's configuration (DOGBREEDS_TRUSTED_KEY: the inline PEM the template's
+    TrustedPublicKey passes) is what the Lambda entry point verifies with, before loading."""
+    from worker import handler
+    from worker.settings import WorkerEnvironment
+
+    monkeypatch.setattr(handler, "_pipeline", None)
+    monkeypatch.setenv("DOGBREEDS_TRUSTED_KEY", " ".join(keys["pub"].read_text().split("\n")))  # on one line
+    environment = WorkerEnvironment.from_env({"DOGBREEDS_MODEL": str(signed)})
+    assert handler.get_pipeline(environment).classifier.artifact.provenance.verified
+    monkeypatch.setattr(handler, "_pipeline", None)
+    model_loads.clear()
+    resign(signed, keys, evil_savedmodel)
+    with pytest.raises(SignatureError, match="other_key"):
+        handler.get_pipeline(environment)
+    assert handler._pipeline is None and model_loads == []
