@@ -339,7 +339,8 @@ def test_an_attack_on_the_artifact_is_refused_before_anything_is_loaded(attack, 
 def test_data_only_serving_never_runs_a_swapped_savedmodel_even_unverified(signed, keys, evil_savedmodel,
                                                                            model_loads, monkeypatch):
     """Without a trusted key and without opting in to the SavedModel, the worker serves the
-    OpenVINO IR: the swapped-in SavedModel is never loaded or run."""
+    OpenVINO IR: a swapped-in SavedModel is never loaded or run, not even when the attacker also
+    rewrites the manifest so that the SavedModel is all it lists (or its variants failed)."""
     monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
     leak = evil_savedmodel[1]
     leak.unlink(missing_ok=True)
@@ -347,6 +348,20 @@ def test_data_only_serving_never_runs_a_swapped_savedmodel_even_unverified(signe
     served = load_artifact(str(signed), trust=TrustPolicy())
     served.predict(np.zeros((2, 32, 32, 3), np.float32))
     assert served.runtime == "openvino-int8" and model_loads == [(signed, "openvino-int8")] and not leak.exists()
+    model_loads.clear()
+
+    for strip in ("only-the-savedmodel", "variants-failed"):
+        manifest = json.loads((signed / "manifest.json").read_text())
+        if strip == "only-the-savedmodel":
+            manifest["runtimes"] = {"tf": manifest["runtimes"]["tf"]}
+        else:
+            for key, entry in manifest["runtimes"].items():
+                if key != "tf":
+                    entry["agreement"]["passed"] = False
+        (signed / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        with pytest.raises(runtimes.RuntimeSelectionError, match="DOGBREEDS_ALLOW_SAVEDMODEL"):
+            load_artifact(str(signed), trust=TrustPolicy())
+        assert model_loads == [] and not leak.exists()
 
 
 @pytest.fixture
