@@ -162,7 +162,7 @@ def worker_environment(moto, bucket: str, model: str, trusted_key: Path) -> dict
     """What infra/template.yaml gives the function (a pinned model version, the trusted public key
     as the TrustedPublicKey parameter passes it), pointed at the moto server."""
     environment = {**moto.environment(), "AWS_REGION": REGION, "DOGBREEDS_MODEL": f"s3://{bucket}/models/{model}/v1",
-                   "DOGBREEDS_TRUSTED_KEY": trusted_key.read_text(),
+                   "DOGBREEDS_TRUSTED_KEY": " ".join(trusted_key.read_text().split()),  # a PEM on one line
                    "DOGBREEDS_OUTPUT_BUCKET": bucket, "DOGBREEDS_OUTPUT_PREFIX": "manifests",
                    "DOGBREEDS_CACHE": "/tmp/dogbreeds", "POWERTOOLS_SERVICE_NAME": "dogbreeds-worker",
                    "POWERTOOLS_METRICS_NAMESPACE": "dogbreeds"}
