@@ -474,3 +474,23 @@ def test_the_lambda_handler_takes_its_trusted_key_from_its_environment(signed, k
     with pytest.raises(SignatureError, match="other_key"):
         handler.get_pipeline(environment)
     assert handler._pipeline is None and model_loads == []
+
+
+def test_the_worker_cli_verifies_a_kms_signed_artifact_with_the_kms_key(signed, kms, keys, evil_savedmodel,
+                                                                        model_loads, tmp_path):
+    """Production's path: publish signs with kms:Sign, the worker is given kms://<key> and fetches
+    its public key (kms:GetPublicKey); a file-key signature is then another key's."""
+    from worker.cli import main
+
+    client, key = kms
+    sign_artifact(signed, KmsSigner.connect("alias/dogbreeds-signing", kms=client))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(colour_photo(COLOUR_BREEDS["n02111889-Samoyed"], seed=4))
+    args = ["predict", "--model", str(signed), "--json", "--trusted-key", f"kms://{key['Arn']}", str(photo)]
+    served = CliRunner().invoke(main, args)
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.stdout.splitlines()[-1])["breed"] == "Samoyed"
+    model_loads.clear()
+    sign_artifact(signed, FileSigner.from_file(keys["key"]))  # a valid signature, but not by the KMS key
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "[other_key]" in refused.output and model_loads == []
