@@ -111,7 +111,10 @@ def analyze(data, out_dir, seed):
 @click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
 @click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, **options):
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines"]), default="auto", show_default=True,
+              help="How epochs are shown: one progress bar per phase with the last loss/accuracy (bar), one "
+                   "line per epoch (lines, Keras verbose=2), or auto: bar on a terminal, lines otherwise.")
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, progress, **options):
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
     split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
     from trainer.experiment import fit_run
@@ -119,7 +122,9 @@ def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
                          hyperparameters=hyperparameters, **options)
-    run = fit_run(config, Path(run_dir))
+    from trainer.progress import resolve_progress
+
+    run = fit_run(config, Path(run_dir), verbose="bar" if resolve_progress(progress) == "bar" else 2)
     m = run["metrics"]["test"]
     click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
                f"({run['seconds']})")

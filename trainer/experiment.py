@@ -152,7 +152,7 @@ def predict_test(prepared: Prepared, model) -> np.ndarray:
         (0, len(prepared.dataset.classes)))
 
 
-def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, verbose: int = 2) -> dict:
+def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, verbose: int | str = 2) -> dict:
     """Prepare, build from fixed hyper-parameters, fit, evaluate on the test split, and save the
     run directory. Returns run.json's content."""
     run_dir.mkdir(parents=True, exist_ok=True)
