@@ -494,3 +494,30 @@ def test_the_worker_cli_verifies_a_kms_signed_artifact_with_the_kms_key(signed, 
     sign_artifact(signed, FileSigner.from_file(keys["key"]))  # a valid signature, but not by the KMS key
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "[other_key]" in refused.output and model_loads == []
+
+
+def test_publish_signs_with_a_kms_key_named_on_the_command_line(fast_colour_artifact, kms, keys, tmp_path):
+    """`dogbreeds-train publish --sign-key kms://<alias>` (boto3's own KMS client, moto here): the
+    published copy carries a KMS signature that the worker verifies with kms://<key ARN> and that a
+    file key does not vouch for. (publish reuses an artifact already built in <run>/artifacts/.)"""
+    from trainer.cli import main as train_cli
+
+    client, key = kms
+    run_dir = tmp_path / "run"
+    shutil.copytree(fast_colour_artifact, run_dir / "artifacts" / "colours-fast-v1")
+    result = CliRunner().invoke(train_cli, ["publish", str(run_dir), "--to", str(tmp_path / "registry"),
+                                            "--name", "colours-fast", "--version", "v1",
+                                            "--sign-key", "kms://alias/dogbreeds-signing"])
+    assert result.exit_code == 0, result.output
+    published = tmp_path / "registry" / "colours-fast"
+    envelope = json.loads((published / "v1" / "manifest.sig").read_text())
+    # (GetPublicKey's KeyId: the key ARN on AWS, the bare key id on moto)
+    assert envelope["kms_key_arn"].endswith(key["KeyId"]) and envelope["key_id"] in result.output
+    loaded = load_artifact(str(published), trust=TrustPolicy.from_config(f"kms://{key['Arn']}", kms=client))
+    assert loaded.provenance.verified
+    with pytest.raises(SignatureError, match="other_key"):
+        load_artifact(str(published), trust=trusting(keys["pub"]))
+    missing = CliRunner().invoke(train_cli, ["publish", str(run_dir), "--to", str(tmp_path / "other"),
+                                             "--name", "colours-fast", "--version", "v1",
+                                             "--sign-key", "kms://alias/missing"])
+    assert missing.exit_code != 0 and "alias/missing" in missing.output and not (tmp_path / "other").exists()
