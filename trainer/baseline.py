@@ -168,13 +168,18 @@ def _photos(folder: str, size: int, limit: int = 400) -> np.ndarray:
 
 def publish_baseline(breeds_file: str | Path, destination: str, name: str, *, version: str | None = None,
                      image_size: int = DEFAULT_SIZE, photos: str | None = None, fast_runtimes: bool = True,
-                     work_dir: Path | None = None) -> str:
-    """Build the baseline artifact and put it in a registry (local folder or s3://)."""
+                     work_dir: Path | None = None, signer=None) -> tuple[str, artifact.ArtifactManifest]:
+    """Build the baseline artifact, sign it with ``signer`` (trainer.signing; None: unsigned) and
+    put it in a registry (local folder or s3://). Returns where it lives and its manifest."""
     version = version or artifact.new_version()
     with tempfile.TemporaryDirectory(prefix="baseline-", dir=work_dir) as tmp:
         staging = Path(tmp) / f"{name}-{version}"
-        build_baseline_artifact(breeds_file, staging, name, version=version, image_size=image_size, photos=photos,
-                                fast_runtimes=fast_runtimes)
+        manifest = build_baseline_artifact(breeds_file, staging, name, version=version, image_size=image_size,
+                                           photos=photos, fast_runtimes=fast_runtimes)
+        if signer is not None:
+            from trainer.signing import sign_artifact
+
+            sign_artifact(staging, signer)
         if destination.startswith("s3://"):
-            return artifact.upload_artifact(staging, destination)
-        return str(artifact.copy_to_local_registry(staging, Path(destination)))
+            return artifact.upload_artifact(staging, destination), manifest
+        return str(artifact.copy_to_local_registry(staging, Path(destination))), manifest

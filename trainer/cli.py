@@ -214,6 +214,30 @@ def evaluate(run_dir, data):
     click.echo(f"wrote {Path(run_dir) / 'evaluation.json'}, confusion.png, mistakes.png")
 
 
+def sign_key_option(command):
+    """--sign-key (publish, imagenet-baseline)."""
+    return click.option("--sign-key", envvar="DOGBREEDS_SIGN_KEY", metavar="KEY",
+                        help="Sign the artifact (manifest.sig beside manifest.json, which lists every file's sha256 "
+                             "and the dog check and calibration the model applies): a PEM private key file (Ed25519 "
+                             "or ECDSA P-256; `dogbreeds-train keygen` makes one) or kms://<key id, alias/name or "
+                             "ARN> (an AWS KMS ECC_NIST_P256 SIGN_VERIFY key; needs kms:Sign and kms:GetPublicKey). "
+                             "Workers given the public key (DOGBREEDS_TRUSTED_KEY) refuse anything else. "
+                             "Env: DOGBREEDS_SIGN_KEY.")(command)
+
+
+def _signer(sign_key: str | None):
+    """The signer of --sign-key (None: unsigned); a bad key is a one-line error."""
+    if not sign_key:
+        return None
+    from trainer.signing import signer_from
+    from worker.artifact import ArtifactError
+
+    try:
+        return signer_from(sign_key)
+    except ArtifactError as error:
+        raise click.ClickException(str(error)) from error
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "destination", required=True,
@@ -223,14 +247,36 @@ def evaluate(run_dir, data):
 @click.option("--version", help="Version (default: a UTC timestamp).")
 @click.option("--fast-runtimes/--tf-only", default=True, show_default=True,
               help="Also write OpenVINO int8 (calibrated on the training photos) and bf16 variants beside the "
-                   "SavedModel, with their top-1 agreement with fp32 on the held-out photos.")
-def publish(run_dir, destination, name, version, fast_runtimes):
+                   "SavedModel, with their top-1 agreement with fp32 on the held-out photos. The worker serves "
+                   "these data-only variants by default; a --tf-only artifact needs DOGBREEDS_ALLOW_SAVEDMODEL=1.")
+@sign_key_option
+def publish(run_dir, destination, name, version, fast_runtimes, sign_key):
     """Build the model artifact of a run (inference model with its preprocessing, labels,
-    manifest with checksums, model card, plots) and publish it, moving `latest`."""
+    manifest with checksums, model card, plots), sign it with --sign-key, and publish it: the
+    version is written once (a different artifact under the same version is refused) and `latest`
+    moves to it unless it already names a newer version."""
     from trainer.publish import publish as do_publish
 
-    where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes)
-    click.echo(f"published {where}")
+    signer = _signer(sign_key)
+    where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes, signer=signer)
+    click.echo(f"published {where}" + (f" (signed by {signer.key_id})" if signer else " (unsigned)"))
+
+
+@main.command()
+@click.argument("prefix", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
+def keygen(prefix, force):
+    """Make an Ed25519 signing key pair: PREFIX.key (the private key, mode 600: give it to
+    `publish --sign-key`, keep it off the workers) and PREFIX.pub (the public key: give it to the
+    worker, --trusted-key / DOGBREEDS_TRUSTED_KEY). For production, an AWS KMS key
+    (kms://<key>) keeps the private key out of reach altogether."""
+    from trainer.signing import generate_key_pair
+
+    try:
+        private, public, key_id = generate_key_pair(Path(prefix), overwrite=force)
+    except FileExistsError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"private key {private} (keep it secret), public key {public}, key id {key_id}")
 
 
 @main.command("imagenet-baseline")
@@ -244,16 +290,26 @@ def publish(run_dir, destination, name, version, fast_runtimes):
 @click.option("--photos", type=click.Path(exists=True, file_okay=False),
               help="Photos (any layout) to calibrate the OpenVINO int8 variant on and measure the variants' agreement "
                    "(half each). Without them only the TensorFlow model is published.")
-@click.option("--fast-runtimes/--tf-only", default=True, show_default=True)
-def imagenet_baseline(breeds_file, destination, name, version, image_size, photos, fast_runtimes):
+@click.option("--fast-runtimes/--tf-only", default=True, show_default=True,
+              help="Also write the OpenVINO int8 and bf16 variants (needs --photos), which the worker serves by "
+                   "default; without them the artifact carries only the TensorFlow SavedModel, which a worker "
+                   "serves only with DOGBREEDS_ALLOW_SAVEDMODEL=1 or --runtime tf.")
+@sign_key_option
+def imagenet_baseline(breeds_file, destination, name, version, image_size, photos, fast_runtimes, sign_key):
     """Publish the ImageNet baseline: EfficientNet-Lite0's ImageNet head restricted to the breeds'
     synsets, no training (the baseline every trained model must beat). Its dog check is the
-    ImageNet softmax's mass on the dog classes; its scores are not recalibrated (T = 1)."""
+    ImageNet softmax's mass on the dog classes; its scores are not recalibrated (T = 1). Signed
+    with --sign-key like `publish`."""
     from trainer.baseline import publish_baseline
 
-    where = publish_baseline(breeds_file, destination, name, version=version, image_size=image_size, photos=photos,
-                             fast_runtimes=fast_runtimes)
-    click.echo(f"published {where}")
+    signer = _signer(sign_key)
+    where, manifest = publish_baseline(breeds_file, destination, name, version=version, image_size=image_size,
+                                       photos=photos, fast_runtimes=fast_runtimes, signer=signer)
+    click.echo(f"published {where}" + (f" (signed by {signer.key_id})" if signer else " (unsigned)"))
+    if not any(key != "tf" for key in manifest.runtimes):
+        click.echo("note: this artifact carries only the TensorFlow SavedModel (no --photos, or --tf-only), which "
+                   "workers do not serve by default (data-only): serve it with DOGBREEDS_ALLOW_SAVEDMODEL=1 or "
+                   "--runtime tf, or publish it again with --photos <folder> for its OpenVINO variants", err=True)
 
 
 if __name__ == "__main__":

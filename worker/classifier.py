@@ -80,11 +80,28 @@ class Classifier:
                         m.name, m.version)
 
     @classmethod
-    def load(cls, uri: str, top_k: int = 5, runtime: str | None = None, *, dog_check: bool = True,
+    def load(cls, uri: str, top_k: int = 5, runtime: str | None = None, trust=None, *, dog_check: bool = True,
              min_score: float | None = None, **kw) -> "Classifier":
         """``runtime``: a manifest runtimes key or runtime name; None -> $DOGBREEDS_RUNTIME -> auto
-        (see worker.runtimes.select)."""
-        return cls(load_artifact(uri, runtime=runtime, **kw), top_k, dog_check=dog_check, min_score=min_score)
+        (see worker.runtimes.select). ``trust``: a worker.signature.TrustPolicy (None -> from the
+        environment). Logs what it serves: the model, its manifest digest and whether its signature
+        was verified (a warning when it was not)."""
+        classifier = cls(load_artifact(uri, runtime=runtime, trust=trust, **kw), top_k, dog_check=dog_check,
+                         min_score=min_score)
+        classifier.log_provenance(uri)
+        return classifier
+
+    def log_provenance(self, uri: str) -> None:
+        from worker.observability import logger
+
+        provenance = self.artifact.provenance
+        details = {"model": {**self.model_info, "uri": uri, **(provenance.to_dict() if provenance else {})}}
+        if provenance is not None and provenance.verified:
+            logger.info("model signature verified", extra=details)
+        else:
+            logger.warning("serving an unverified model: no trusted key is configured (DOGBREEDS_TRUSTED_KEY or "
+                           "--trusted-key), so anyone who can write the model's files decides what runs",
+                           extra=details)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -106,7 +123,11 @@ class Classifier:
     @property
     def model_info(self) -> dict:
         m = self.artifact.manifest
-        return {"name": m.name, "version": m.version, "runtime": getattr(self.artifact, "runtime", "tf")}
+        info = {"name": m.name, "version": m.version, "runtime": getattr(self.artifact, "runtime", "tf")}
+        provenance = getattr(self.artifact, "provenance", None)
+        if provenance is not None:
+            info["manifest_sha256"] = provenance.manifest_sha256
+        return info
 
     def scores(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """N x H x W x 3 -> (breed probabilities N x C, dog scores N or None), one forward pass."""

@@ -21,11 +21,20 @@ BREEDS_FILE = SAMPLES.parent / "breeds.txt"
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory):
+def keys(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("keys") / "signing"
+    assert CliRunner().invoke(train_cli, ["keygen", str(prefix)], catch_exceptions=False).exit_code == 0
+    return prefix.with_suffix(".key"), prefix.with_suffix(".pub")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, keys):
     registry = tmp_path_factory.mktemp("registry")
     result = CliRunner().invoke(train_cli, ["imagenet-baseline", "--breeds", str(BREEDS_FILE), "--to", str(registry),
-                                            "--version", "v1", "--tf-only"], catch_exceptions=False)
+                                            "--version", "v1", "--tf-only", "--sign-key", str(keys[0])],
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert "signed by sha256:" in result.output and "DOGBREEDS_ALLOW_SAVEDMODEL=1" in result.output
     return registry / "imagenet-baseline" / "v1"
 
 
@@ -58,3 +67,29 @@ def test_the_worker_names_sample_dogs_and_answers_no_dog_for_sample_objects(publ
     off = Classifier.load(str(published), runtime="tf", dog_check=False)
     off = off.predict(photos(objects[:3], off))
     assert {v.status for v in off} == {OK}  # --no-dog-check: every photo gets a breed
+
+
+def test_the_signed_baseline_is_verified_and_its_dog_check_is_covered_by_the_signature(published, keys, tmp_path, monkeypatch):
+    """The signature covers manifest.json, so the dog check's threshold too: lowering it in a
+    copy is refused by a worker that trusts the key; the default (data-only) worker refuses the
+    TF-only artifact with a message that says how to serve it."""
+    import shutil
+
+    from worker.artifact import ArtifactError
+    from worker.runtimes import RuntimeSelectionError
+    from worker.signature import TrustPolicy
+
+    trust = TrustPolicy.from_config(str(keys[1]))
+    served = Classifier.load(str(published), runtime="tf", trust=trust)
+    assert served.artifact.provenance.verified and served.dog_threshold == 0.2749
+    monkeypatch.delenv("DOGBREEDS_ALLOW_SAVEDMODEL", raising=False)
+    with pytest.raises(RuntimeSelectionError, match="DOGBREEDS_ALLOW_SAVEDMODEL"):
+        Classifier.load(str(published), runtime="auto", trust=trust)
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(published, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    manifest["dog_check"]["threshold"] = 0.0  # every photo a dog
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError):
+        Classifier.load(str(tampered), runtime="tf", trust=trust)

@@ -207,7 +207,7 @@ def test_predict_cli_answers_no_dog_and_honours_the_flags(dog_check_artifact, tm
         result = CliRunner().invoke(worker_cli, ["predict", "--model", model, "--json", "--runtime", "tf", *flags,
                                                  str(grey), str(dog)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        return [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
     grey_row, dog_row = run()
     assert grey_row["status"] == "no_dog" and grey_row["breed"] is None and grey_row["dog_score"] < 0.5
