@@ -188,8 +188,7 @@ class Poller:
     def receive(self, wanted: int) -> list[dict]:
         s = self.settings
         response = self.sqs.receive_message(QueueUrl=s.queue_url, MaxNumberOfMessages=wanted,
-                                            WaitTimeSeconds=s.wait_seconds, VisibilityTimeout=s.visibility_timeout,
-                                            MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                                            WaitTimeSeconds=s.wait_seconds, VisibilityTimeout=s.visibility_timeout)
         received = response.get("Messages", [])
         self.in_flight.add(received)
         return received
