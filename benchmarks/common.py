@@ -18,6 +18,9 @@ pollers then starts draining together, each with its model already loaded.
 CPU pinning (:func:`pin_plan`): the local S3/SQS server on one core, the worker (and the bare model it
 is compared with) on another, so that on a small machine ``e2e / bare`` measures the worker's own
 overhead on the same core budget instead of the server's share of it.
+
+One module (about 650 lines) so that a benchmark imports its set-up from one place; the sections
+(pinning, photos, tables, the local stack, the children) do not import one another's internals.
 """
 
 from __future__ import annotations
