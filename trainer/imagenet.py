@@ -46,8 +46,8 @@ def indices_of(breed_synsets: list[str]) -> np.ndarray:
 
 def lite0_classifier_weights() -> tuple[np.ndarray, np.ndarray]:
     """EfficientNet-Lite0's ImageNet head: kernel (1280, 1000) and bias (1000,), pin-checked
-    (trainer.backbones); it maps the average-pooled features to the 1000 logits."""
-    from trainer.backbones import efficientnet_lite0_imagenet_weights
+    (trainer.weights); it maps the average-pooled features to the 1000 logits."""
+    from trainer.weights import efficientnet_lite0_imagenet_weights
 
     by_layer, _, _ = efficientnet_lite0_imagenet_weights()
     kernel, bias = by_layer["predictions"]
