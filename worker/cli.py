@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from worker.settings import WorkerEnvironment
+from worker.cli_options import EnvOption, setting_option
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-format", type=click.Choice(["auto", "json", "text"]), default="auto", show_default=True,
-              envvar="DOGBREEDS_LOG_FORMAT",
+              envvar="DOGBREEDS_LOG_FORMAT", cls=EnvOption,
               help="Log lines: json (structured Powertools lines, what Lambda, containers and log shippers read), "
                    "text (one readable line each; also drops the CloudWatch EMF metric lines), or auto: text when "
                    "the log goes to a terminal, json otherwise. Env: DOGBREEDS_LOG_FORMAT.")
@@ -30,14 +30,6 @@ def main(log_format):
     from worker.log_format import configure_logging
 
     configure_logging(log_format)
-
-
-DOG_CHECK_HELP = ("Apply the model's dog check (a photo whose dog score is below the artifact's threshold is "
-                  "answered no_dog, its breed fields null, its top-k kept as a hint). --no-dog-check gives every "
-                  "photo a breed. Env: DOGBREEDS_DOG_CHECK=0 turns it off.")
-MIN_SCORE_HELP = ("Photos whose best breed score (a calibrated probability) is below this are answered uncertain, "
-                  "with their top-k, for human review; pick it from the model card's risk-coverage table. "
-                  "Env: DOGBREEDS_MIN_SCORE.")
 
 
 def _load_classifier(model_uri: str, top_k: int, trusted_key: str | None = None, model_digest: str | None = None,
@@ -58,20 +50,8 @@ def _load_classifier(model_uri: str, top_k: int, trusted_key: str | None = None,
 
 
 def trust_options(command):
-    """--trusted-key and --model-digest (defaults from the environment)."""
-    from worker.settings import WorkerEnvironment
-
-    env = WorkerEnvironment.from_env()
-    options = [
-        click.option("--trusted-key", default=env.trusted_key, metavar="KEY",
-                     help="Serve only artifacts signed with this key: a PEM public key file (dogbreeds-train "
-                          "keygen writes one), an inline PEM, or kms://<key id, alias/name or ARN> (its public key "
-                          "is fetched with kms:GetPublicKey). Unsigned, re-signed or modified artifacts are refused. "
-                          "Unset: the artifact is served unverified, with a warning. Env: DOGBREEDS_TRUSTED_KEY."),
-        click.option("--model-digest", default=env.model_digest, metavar="SHA256",
-                     help="Serve only the artifact whose manifest.json has this sha256 (a pin). "
-                          "Env: DOGBREEDS_MODEL_DIGEST."),
-    ]
+    """--trusted-key and --model-digest (from DOGBREEDS_TRUSTED_KEY / DOGBREEDS_MODEL_DIGEST)."""
+    options = [setting_option("trusted_key", metavar="KEY"), setting_option("model_digest", metavar="SHA256")]
     for option in reversed(options):
         command = option(command)
     return command
@@ -99,129 +79,10 @@ def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
     return files, had_folder
 
 
-@main.command()
-@click.option("--model", "model_uri", envvar="DOGBREEDS_MODEL", required=True,
-              help="Model artifact: folder, local registry <root>/<name>, or s3:// URI. Env: DOGBREEDS_MODEL.")
-@click.argument("paths", nargs=-1, required=True)
-@click.option("--top-k", type=int, default=3, show_default=True, help="Breeds shown per photo.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (JSON Lines) instead of a table.")
-@click.option("--runtime", envvar="DOGBREEDS_RUNTIME", default="auto", show_default=True,
-              help="Model variant: auto (the fastest data-only variant whose recorded agreement with fp32 "
-                   "passed; the TensorFlow SavedModel only with DOGBREEDS_ALLOW_SAVEDMODEL=1), tf, openvino, or a "
-                   "key of the artifact's runtimes such as openvino-int8. Env: DOGBREEDS_RUNTIME.")
-@click.option("--dog-check/--no-dog-check", default=lambda: _env().dog_check, help=DOG_CHECK_HELP)
-@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=lambda: _env().min_score, help=MIN_SCORE_HELP)
-@trust_options
-def predict(model_uri, paths, top_k, batch_size, as_json, runtime, dog_check, min_score, trusted_key, model_digest):
-    """Top-k breeds for photos or folders of photos: status ok (a breed), no_dog (no dog in the
-    photo, per the model's dog check) or uncertain (below --min-score). Unreadable files are
-    reported per file (with their error code) and never stop the run."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from worker.images import ImageDecodeError, load_image
-
-    _logs_to_stderr()
-    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, runtime=runtime, dog_check=dog_check,
-                                  min_score=min_score)
-    files, had_folder = _photo_paths(paths)
-    results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
-    printed = 0
-
-    def emit(index: int, result: dict) -> None:
-        nonlocal printed
-        results[index] = result
-        while printed < len(results) and results[printed] is not None:
-            if as_json:
-                click.echo(json.dumps(results[printed]))
-            printed += 1
-
-    def flush(batch):
-        if batch:
-            predictions = classifier.predict(np.stack([pixels for _, _, pixels in batch]))
-            for (index, path, _), p in zip(batch, predictions):
-                best = p.breed
-                emit(index, {"path": str(path), "status": p.status, "breed": best.breed if best else None,
-                             "synset": best.synset if best else None,
-                             "score": round(best.score, 4) if best else None,
-                             "dog_score": None if p.dog_score is None else round(p.dog_score, 4),
-                             "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)}
-                                       for t in p.top_k]})
-        batch.clear()
-
-    batch = []
-    for index, path in enumerate(tqdm(files, desc="classify", unit="img", disable=not had_folder or as_json,
-                                      file=sys.stderr)):
-        try:
-            batch.append((index, path, load_image(path.read_bytes(), size=classifier.input_size,
-                                                     fit=classifier.input_fit)))
-        except ImageDecodeError as error:
-            emit(index, {"path": str(path), "status": "error", "error_code": error.code, "error_message": error.message})
-        except OSError as error:
-            emit(index, {"path": str(path), "status": "error", "error_code": "unreadable_file",
-                         "error_message": str(error)})
-        if len(batch) >= batch_size:
-            flush(batch)
-    flush(batch)
-    if not as_json:
-        _print_table(results, top_k)
-    errors = sum(r["status"] == "error" for r in results)
-    if not as_json:
-        answered = {s: sum(r["status"] == s for r in results) for s in ("no_dog", "uncertain") if any(
-            r["status"] == s for r in results)}
-        if answered:
-            click.echo(", ".join(f"{n} {s}" for s, n in answered.items()) + f" of {len(results)} photos", err=True)
-    if errors and not as_json:
-        click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
-
-
-def _env():
-    from worker.settings import WorkerEnvironment
-
-    return WorkerEnvironment.from_env()
-
-
-def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None,
-              dog_check: bool = True, min_score: float | None = None, trusted_key: str | None = None,
-              model_digest: str | None = None):
-    from worker.pipeline import Pipeline, PipelineSettings
-    from worker.settings import client
-
-    s3 = client("s3")
-    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, s3=s3, runtime=runtime,
-                                  dog_check=dog_check, min_score=min_score)
-    budget = _env().decode_budget_pixels  # DOGBREEDS_DECODE_BUDGET_PIXELS
-    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k,
-                                                     decode_budget_pixels=budget), reader=reader)
-
-
-def worker_options(command):
-    """Options shared by `run` and `classify` (defaults from the DOGBREEDS_* environment)."""
-    from worker.settings import WorkerEnvironment
-
-    env = WorkerEnvironment.from_env()
-    options = [
-        click.option("--model", "model_uri", default=env.model, required=env.model is None,
-                     help="Model artifact URI (env DOGBREEDS_MODEL)."),
-        click.option("--output-bucket", default=env.output_bucket,
-                     help="Bucket for manifests (env DOGBREEDS_OUTPUT_BUCKET; default: the photos' bucket)."),
-        click.option("--output-prefix", default=env.output_prefix, show_default=True,
-                     help="Key prefix for manifests (env DOGBREEDS_OUTPUT_PREFIX)."),
-        click.option("--batch-size", type=int, default=env.batch_size, show_default=True,
-                     help="Photos per inference micro-batch (env DOGBREEDS_BATCH_SIZE)."),
-        click.option("--download-threads", type=int, default=env.download_threads, show_default=True,
-                     help="Concurrent S3 downloads (env DOGBREEDS_DOWNLOAD_THREADS)."),
-        click.option("--top-k", type=int, default=env.top_k, show_default=True, help="Breeds kept per photo."),
-        click.option("--jsonl/--json", "jsonl", default=env.jsonl, show_default=True,
-                     help="Write manifests as JSON Lines (one item per line) or one JSON document."),
-        click.option("--runtime", default=env.runtime, show_default=True,
-                     help="Model variant: auto (the fastest data-only variant whose recorded agreement with fp32 "
-                          "passed; the TensorFlow SavedModel only with DOGBREEDS_ALLOW_SAVEDMODEL=1), tf, openvino, "
-                          "or a key of the artifact's runtimes such as openvino-int8 (env DOGBREEDS_RUNTIME)."),
-        click.option("--dog-check/--no-dog-check", default=env.dog_check, show_default=True, help=DOG_CHECK_HELP),
-        click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=env.min_score, help=MIN_SCORE_HELP),
-    ]
+def model_options(command):
+    """The options that choose and serve the model, shared by predict, run and classify."""
+    options = [setting_option("runtime"), setting_option("dog_check"), setting_option("min_score", metavar="SCORE"),
+               setting_option("decode_budget_pixels", metavar="PIXELS")]
     command = trust_options(command)  # listed after the options above
     for option in reversed(options):
         command = option(command)
@@ -229,9 +90,111 @@ def worker_options(command):
 
 
 @main.command()
+@setting_option("model", "--model", "model_uri", required=True)
+@click.argument("paths", nargs=-1, required=True)
+@setting_option("top_k", env=False, default=3, help="Breeds shown per photo.")
+@setting_option("batch_size", env=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (JSON Lines) instead of a table.")
+@model_options
+def predict(model_uri, paths, top_k, batch_size, as_json, runtime, dog_check, min_score, decode_budget_pixels,
+            trusted_key, model_digest):
+    """Top-k breeds for photos or folders of photos: status ok (a breed), no_dog (no dog in the
+    photo, per the model's dog check) or uncertain (below --min-score). Unreadable files are
+    reported per file (with their error code) and never stop the run. Photos are read, decoded
+    and classified as `classify` does (the same pipeline and limits), without writing a manifest."""
+    from tqdm.auto import tqdm
+
+    from worker.messages import ImageRef
+    from worker.pipeline import LocalReader
+
+    _logs_to_stderr()
+    files, had_folder = _photo_paths(paths)
+    pipeline = _pipeline(model_uri, batch_size, PREDICT_THREADS, top_k, reader=LocalReader(), runtime=runtime,
+                         dog_check=dog_check, min_score=min_score, trusted_key=trusted_key, model_digest=model_digest,
+                         decode_budget_pixels=decode_budget_pixels)
+    results: list[dict] = []
+    try:
+        with tqdm(total=len(files), desc="classify", unit="img", disable=not had_folder or as_json,
+                  file=sys.stderr) as bar:
+            for start in range(0, len(files), PREDICT_CHUNK):  # printed chunk by chunk, in order
+                chunk = files[start:start + PREDICT_CHUNK]
+                items = _classified(pipeline, [ImageRef(str(path.parent), path.name) for path in chunk], bar.update)
+                for path, item in zip(chunk, items):
+                    results.append(_prediction(path, item))
+                    if as_json:
+                        click.echo(json.dumps(results[-1]))
+    finally:
+        pipeline.close()
+    if not as_json:
+        _print_table(results, top_k)
+        answered = {s: sum(r["status"] == s for r in results) for s in ("no_dog", "uncertain") if any(
+            r["status"] == s for r in results)}
+        if answered:
+            click.echo(", ".join(f"{n} {s}" for s, n in answered.items()) + f" of {len(results)} photos", err=True)
+        errors = sum(r["status"] == "error" for r in results)
+        if errors:
+            click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
+
+
+PREDICT_CHUNK = 256  # photos classified (and printed) at a time
+PREDICT_THREADS = 8  # photos read and decoded at once
+
+
+def _classified(pipeline, refs, progress) -> list:
+    """``pipeline.classify``; a photo to retry (memory, a failed inference) is a one-line error."""
+    from worker.pipeline import TransientError
+
+    try:
+        return pipeline.classify(refs, progress=progress)
+    except TransientError as error:
+        raise click.ClickException(f"could not classify every photo: {error}") from error
+
+
+def _prediction(path: Path, item) -> dict:
+    """predict's row for one photo (a manifest item, by the photo's path)."""
+    if item.status == "error":
+        return {"path": str(path), "status": "error", "error_code": item.error_code,
+                "error_message": item.error_message}
+    return {"path": str(path), "status": item.status, "breed": item.breed, "synset": item.synset,
+            "score": None if item.score is None else round(item.score, 4),
+            "dog_score": None if item.dog_score is None else round(item.dog_score, 4),
+            "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)} for t in item.top_k]}
+
+
+def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None,
+              dog_check: bool = True, min_score: float | None = None, trusted_key: str | None = None,
+              model_digest: str | None = None, decode_budget_pixels: int | None = None):
+    from worker.pipeline import Pipeline, PipelineSettings
+    from worker.settings import client
+
+    s3 = client("s3")
+    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, s3=s3, runtime=runtime,
+                                  dog_check=dog_check, min_score=min_score)
+    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k,
+                                                     decode_budget_pixels=decode_budget_pixels), reader=reader)
+
+
+def worker_options(command):
+    """Options shared by `run` and `classify` (defaults from the DOGBREEDS_* environment)."""
+    options = [
+        setting_option("model", "--model", "model_uri", required=True),
+        setting_option("output_bucket"),
+        setting_option("output_prefix"),
+        setting_option("batch_size"),
+        setting_option("download_threads"),
+        setting_option("top_k"),
+        setting_option("manifest_format", envvar=["DOGBREEDS_MANIFEST_FORMAT", "DOGBREEDS_JSONL"],
+                       metavar="[json|jsonl]"),
+    ]
+    command = model_options(command)  # listed after the options above
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
 @worker_options
-@click.option("--queue-url", default=lambda: os.environ.get("DOGBREEDS_QUEUE_URL"), required=True,
-              help="SQS queue URL (env DOGBREEDS_QUEUE_URL).")
+@setting_option("queue_url", required=True)
 @click.option("--wait-seconds", type=int, default=20, show_default=True, help="Long-polling wait per receive.")
 @click.option("--visibility-timeout", type=int, default=300, show_default=True,
               help="Seconds a received message stays hidden; renewed by a heartbeat while a batch runs.")
@@ -243,13 +206,12 @@ def worker_options(command):
 @click.option("--pipeline/--no-pipeline", "pipelined", default=True, show_default=True,
               help="Receive the next batch (and start fetching its photos) and write the previous batch's "
                    "manifests while classifying.")
-@click.option("--prefix-page-keys", type=int, default=WorkerEnvironment.from_env().prefix_page_keys,
-              show_default=True, help="A prefix job listing more photos than this is split into continuation job "
-                                       "messages of this many keys, sent back to the queue "
-                                       "(env DOGBREEDS_PREFIX_PAGE_KEYS).")
-def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check, min_score,
-        trusted_key, model_digest, queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages,
-        until_empty, pipelined, prefix_page_keys):
+@setting_option("prefix_page_keys")
+@setting_option("max_prefix_keys")
+def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, manifest_format, runtime,
+        dog_check, min_score, decode_budget_pixels, trusted_key, model_digest, queue_url, wait_seconds,
+        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined, prefix_page_keys,
+        max_prefix_keys):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
@@ -259,12 +221,11 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     from worker.poller import Poller, PollerSettings
     from worker.settings import client
 
-    if prefix_page_keys < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--prefix-page-keys")
     pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
-                         min_score=min_score, trusted_key=trusted_key, model_digest=model_digest)
-    output = OutputSettings(output_bucket, output_prefix, jsonl, page_keys=prefix_page_keys,
-                            max_prefix_keys=WorkerEnvironment.from_env().max_prefix_keys)
+                         min_score=min_score, trusted_key=trusted_key, model_digest=model_digest,
+                         decode_budget_pixels=decode_budget_pixels)
+    output = OutputSettings(output_bucket, output_prefix, manifest_format == "jsonl", page_keys=prefix_page_keys,
+                            max_prefix_keys=max_prefix_keys)
     poller = Poller(client("sqs"), pipeline, output,
                     PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
                                    heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
@@ -284,8 +245,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 @click.option("--out", help="Where to write the manifest: a local file or s3://bucket/key "
                             "(default: s3://<bucket>/<output-prefix>/<job-id>.json for S3 sources, "
                             "./<job-id>.json for local folders).")
-def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check,
-             min_score, trusted_key, model_digest, source, job_id, out):
+def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, manifest_format, runtime,
+             dog_check, min_score, decode_budget_pixels, trusted_key, model_digest, source, job_id, out):
     """Classify every photo under SOURCE (a local folder or s3://bucket/prefix) and write one
     manifest, without a queue."""
     import hashlib
@@ -298,11 +259,13 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     from worker.s3uri import S3Uri
 
     _logs_to_stderr()
+    jsonl = manifest_format == "jsonl"
     job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     if source.startswith("s3://"):
         uri = S3Uri.parse(source)
         pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
-                             min_score=min_score, trusted_key=trusted_key, model_digest=model_digest)
+                             min_score=min_score, trusted_key=trusted_key, model_digest=model_digest,
+                             decode_budget_pixels=decode_budget_pixels)
         job = expand_prefix_job(Job(job_id, (), None, "prefix-job", prefix=uri.key, bucket=uri.bucket), pipeline.s3)
     else:
         root = Path(source)
@@ -314,7 +277,7 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime,
                              dog_check=dog_check, min_score=min_score, trusted_key=trusted_key,
-                             model_digest=model_digest)
+                             model_digest=model_digest, decode_budget_pixels=decode_budget_pixels)
         job = Job(job_id, tuple(ImageRef(str(root), k) for k in keys), None, "local-folder")
     try:
         with tqdm(total=len(job.refs), desc="classify", unit="img", file=sys.stderr) as bar:
