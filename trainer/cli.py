@@ -31,7 +31,9 @@ def data_options(command):
                      help="TSV/CSV with relative_path and a split column (train/val/test), or a saved split.json. "
                           "Default: a seeded stratified split."),
         click.option("--split-column", default="stanford_split", show_default=True, help="Split column of --split-file."),
-        click.option("--val-fraction", type=float, default=0.15, show_default=True),
+        click.option("--val-fraction", type=float, default=0.15, show_default=True,
+                     help="Share of the photos held out for validation (early stopping, calibration, the dog "
+                          "check's threshold) when there is no --split-file."),
         click.option("--test-fraction", type=float, default=0.15, show_default=True,
                      help="Only for the stratified split."),
         click.option("--breeds", help="Comma-separated breed folders or synsets to keep (default: all)."),
@@ -45,7 +47,8 @@ def data_options(command):
                           "original design). Recorded in the artifact; the worker resizes the same way."),
         click.option("--augment-copies", type=int, default=2, show_default=True,
                      help="Augmented copies of each training photo (cached features) for feature families."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the split, the augmentation and the weights' initialisation."),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="Feature cache (default ~/.cache/dogbreeds)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
@@ -107,10 +110,11 @@ def analyze(data, out_dir, seed):
 @click.option("--hp", "hp_file", type=click.Path(exists=True, dir_okay=False),
               help="JSON of hyper-parameters (e.g. best_hyperparameters.json from `tune`); defaults otherwise.")
 @click.option("--set", "hp_set", multiple=True, metavar="NAME=VALUE", help="Set one hyper-parameter (repeatable).")
-@click.option("--epochs", type=int, default=60, show_default=True)
+@click.option("--epochs", type=int, default=60, show_default=True,
+              help="Most epochs of the first phase (early stopping usually ends it sooner).")
 @click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
 @click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Photos per training step.")
 @click.option("--not-dogs", type=click.Path(exists=True, file_okay=False),
               help="A folder of photos WITHOUT a dog (cats, objects, scenes; any depth) for the dog check. "
                    "Default: DATA/not-dogs/ when it exists. Split by file path into fit (40%), val (20%, chooses "
@@ -173,8 +177,12 @@ def _hyperparameters(hp_file, hp_set) -> dict:
 
 @main.command()
 @data_options
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/tuning", show_default=True)
-@click.option("--tuner", type=click.Choice(["random", "hyperband", "bayesian"]), default="random", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/tuning", show_default=True,
+              help="Folder for the search's trials (trials.jsonl) and best_hyperparameters.json; a rerun "
+                   "resumes it unless --overwrite.")
+@click.option("--tuner", type=click.Choice(["random", "hyperband", "bayesian"]), default="random", show_default=True,
+              help="Keras Tuner search: random, hyperband (successive halving of epochs) or bayesian "
+                   "(Gaussian-process guided).")
 @click.option("--max-trials", type=int, default=20, show_default=True, help="Trial budget (random, bayesian).")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per trial (hyperband: max epochs).")
 @click.option("--overwrite/--resume", default=False, show_default=True, help="Start over or resume a search.")

@@ -40,6 +40,7 @@ def _load_classifier(model_uri: str, top_k: int, trusted_key: str | None = None,
     from worker.artifact import ArtifactError
     from worker.classifier import Classifier
     from worker.runtimes import RuntimeSelectionError
+    from worker.settings import SettingsError
     from worker.signature import TrustPolicy
 
     try:
@@ -47,6 +48,8 @@ def _load_classifier(model_uri: str, top_k: int, trusted_key: str | None = None,
         return Classifier.load(model_uri, top_k=top_k, trust=trust, **kw)
     except (ArtifactError, RuntimeSelectionError) as error:
         raise click.ClickException(f"refusing to serve {model_uri}: {type(error).__name__}: {error}") from error
+    except SettingsError as error:  # a variable read as the model loads (DOGBREEDS_THREADS, ...)
+        raise click.ClickException(str(error)) from error
 
 
 def trust_options(command):

@@ -23,7 +23,7 @@ from worker.deadline import Deadline
 from worker.jobs import OutputSettings, QueuedMessage, process_messages
 from worker.observability import logger, metrics, metrics_for_batch
 from worker.pipeline import Pipeline, PipelineSettings
-from worker.settings import WorkerEnvironment, client
+from worker.settings import WorkerSettings, client
 from worker.sqs import queue_url_of_arn
 
 _pipeline: Pipeline | None = None  # the cached model: one per execution environment
@@ -34,7 +34,7 @@ class MessageFailed(Exception):
     """Raised by the record handler for a message whose job failed (it will be retried)."""
 
 
-def get_pipeline(env: WorkerEnvironment) -> Pipeline:
+def get_pipeline(env: WorkerSettings) -> Pipeline:
     global _pipeline
     if _pipeline is None:
         if not env.model:
@@ -61,7 +61,7 @@ def get_sqs():
 @metrics.log_metrics
 @logger.inject_lambda_context
 def lambda_handler(event: dict, context) -> dict:
-    env = WorkerEnvironment.from_env()
+    env = WorkerSettings.from_env()  # read per invocation: a bad DOGBREEDS_* value is a SettingsError naming it
     pipeline = get_pipeline(env)
     deadline = Deadline.of_lambda(context, env.lambda_safety_ms)  # after the cold start: its time is spent
     records = event.get("Records", [])

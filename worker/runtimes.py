@@ -203,9 +203,11 @@ def select(runtimes: Mapping[str, Any], requested: str | None = None, *,
 
 def serving_threads() -> int:
     """Inference threads: ``$DOGBREEDS_THREADS``, else the CPUs this process may run on."""
-    env = os.environ.get(THREADS_ENV)
-    if env:
-        return max(1, int(env))
+    from worker.settings import env_int
+
+    threads = env_int(THREADS_ENV, 0)
+    if threads:
+        return max(1, threads)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -215,7 +217,9 @@ def serving_threads() -> int:
 def tf_micro_batch() -> int:
     """Images per TensorFlow call (``DOGBREEDS_TF_MICRO_BATCH``, default 4): a worker batch of 16
     runs as 4 calls, so peak memory holds 4 images' activations instead of 16."""
-    return max(1, int(os.environ.get("DOGBREEDS_TF_MICRO_BATCH", "4")))
+    from worker.settings import env_int
+
+    return max(1, env_int("DOGBREEDS_TF_MICRO_BATCH", 4))
 
 
 def _checked(fn: Callable[[np.ndarray], np.ndarray], input_size, outputs: int) -> Predict:

@@ -131,7 +131,7 @@ class WorkerSettings(BaseModel):
 WorkerEnvironment = WorkerSettings
 
 
-def env_int(variable: str, default: int, *, minimum: int = 1, env: Mapping[str, str] | None = None) -> int:
+def env_int(variable: str, default: int, *, minimum: int | None = None, env: Mapping[str, str] | None = None) -> int:
     """An integer setting read outside :class:`WorkerSettings` (e.g. by the runtimes when a model
     loads): unset or empty gives ``default``; a bad value is a :class:`SettingsError` naming it."""
     raw = (os.environ if env is None else env).get(variable, "").strip()
@@ -141,7 +141,7 @@ def env_int(variable: str, default: int, *, minimum: int = 1, env: Mapping[str, 
         value = int(raw)
     except ValueError:
         raise SettingsError(f"{variable}={raw!r} is not valid: not an integer") from None
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise SettingsError(f"{variable}={raw!r} is not valid: must be >= {minimum}")
     return value
 
