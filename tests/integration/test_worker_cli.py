@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import boto3
 from click.testing import CliRunner
@@ -42,7 +43,40 @@ def test_predict_json_lines_with_top_k(tmp_path, colour_artifact):
     assert rows[0]["breed"] == "Samoyed" and rows[0]["synset"] == "n02111889" and len(rows[0]["top_k"]) == 2
     assert rows[0]["top_k"][0]["score"] >= rows[0]["top_k"][1]["score"]
     assert rows[1]["status"] == "error" and rows[1]["error_code"] in ("truncated", "corrupt")
-    assert rows[2]["error_code"] == "unreadable_file"
+    assert rows[2]["error_code"] == "not_found"  # as classify and the S3 reader call a missing photo
+
+
+def test_predict_and_classify_answer_the_same_for_the_same_photos_an_oversized_one_included(tmp_path,
+                                                                                             colour_artifact):
+    """predict classifies through classify's pipeline: the same reader, byte limit, decoding and
+    inference, so the same answer for every photo, to the error message."""
+    from worker.images import DEFAULT_MAX_BYTES
+
+    folder = photos_folder(tmp_path)
+    with open(folder / "huge.jpg", "wb") as huge:  # a JPEG signature, then (sparse) bytes past the limit
+        huge.write(b"\xff\xd8\xff\xe0")
+        huge.truncate(DEFAULT_MAX_BYTES + 1)
+    predicted = CliRunner().invoke(main, ["predict", "--model", str(colour_artifact), "--json", "--top-k", "3",
+                                          str(folder)])
+    assert predicted.exit_code == 0, predicted.output
+    rows = {str(Path(r["path"]).relative_to(folder)): r for r in map(json.loads, predicted.stdout.splitlines())}
+    out = tmp_path / "manifest.json"
+    classified = CliRunner().invoke(main, ["classify", "--model", str(colour_artifact), "--top-k", "3", str(folder),
+                                           "--out", str(out)])
+    assert classified.exit_code == 0, classified.output
+    items = {item["key"]: item for item in json.loads(out.read_text())["items"]}
+    assert set(rows) == set(items) and rows["huge.jpg"]["error_code"] == "too_many_bytes"
+    for key, item in items.items():
+        row = rows[key]
+        if item["status"] == "error":
+            assert (row["status"], row["error_code"], row["error_message"]) == (
+                "error", item["error_code"], item["error_message"]), key
+            continue
+        rounded = [{"breed": t["breed"], "synset": t["synset"], "score": round(t["score"], 4)} for t in item["top_k"]]
+        assert (row["status"], row["breed"], row["synset"], row["top_k"]) == (
+            item["status"], item["breed"], item["synset"], rounded), key
+        assert row["score"] == round(item["score"], 4) and row["dog_score"] == (
+            None if item["dog_score"] is None else round(item["dog_score"], 4)), key
 
 
 def test_classify_a_local_folder_writes_one_manifest(tmp_path, colour_artifact):
