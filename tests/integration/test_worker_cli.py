@@ -55,7 +55,7 @@ def test_predict_and_classify_answer_the_same_for_the_same_photos_an_oversized_o
     folder = photos_folder(tmp_path)
     with open(folder / "huge.jpg", "wb") as huge:  # a JPEG signature, then (sparse) bytes past the limit
         huge.write(b"\xff\xd8\xff\xe0")
-        huge.truncate(DEFAULT_MAX_BYTES + 1)
+        huge.truncate(DEFAULT_MAX_BYTES + 4096)
     predicted = CliRunner().invoke(main, ["predict", "--model", str(colour_artifact), "--json", "--top-k", "3",
                                           str(folder)])
     assert predicted.exit_code == 0, predicted.output
