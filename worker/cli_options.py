@@ -64,8 +64,14 @@ def setting_option(field: str, *decls: str, env: bool = True, extra_help: str = 
     if info.annotation is bool:
         decls = decls or (f"--{field.replace('_', '-')}/--no-{field.replace('_', '-')}",)
     else:
-        options["type"] = SettingType(field, kwargs.pop("metavar", None))
+        options["type"] = SettingType(field, kwargs.pop("metavar", None) or _metavar(info.annotation))
     if env:
         options["envvar"] = variable
     options.update(kwargs)
     return click.option(*(decls or (f"--{field.replace('_', '-')}",)), **options)
+
+
+def _metavar(annotation) -> str:
+    """INTEGER / FLOAT / TEXT, as click shows its own types."""
+    text = str(annotation)
+    return "INTEGER" if "int" in text else "FLOAT" if "float" in text else "TEXT"
