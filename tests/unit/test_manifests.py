@@ -62,12 +62,27 @@ def test_manifest_key_layout():
 SAFE_JOB_IDS = st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True).filter(lambda s: s not in (".", ".."))
 
 
-@given(prefix=st.sampled_from(["", "/", "results", "results/", "a/b//"]), first=SAFE_JOB_IDS, second=SAFE_JOB_IDS,
-       jsonl=st.booleans())
-def test_manifest_keys_differ_exactly_when_job_ids_differ(prefix, first, second, jsonl):
+@st.composite
+def job_id_pairs(draw):
+    """Two safe job ids: unrelated, equal, or neighbours (one character changed, added or dropped,
+    anywhere, long ids included) that a truncating or normalising key would merge."""
+    first = draw(st.one_of(SAFE_JOB_IDS, st.text("ab", min_size=100, max_size=128)))
+    at = draw(st.integers(0, len(first) - 1))
+    second = draw(st.sampled_from([
+        draw(SAFE_JOB_IDS), first, first[:at] + ("b" if first[at] != "b" else "c") + first[at + 1:],
+        first[:at] + first[at + 1:], (first + "x")[:128], first.upper(),
+    ]))
+    if not second or second in (".", ".."):
+        second = first
+    return first, second
+
+
+@given(prefix=st.sampled_from(["", "/", "results", "results/", "a/b//"]), ids=job_id_pairs(), jsonl=st.booleans())
+def test_manifest_keys_differ_exactly_when_job_ids_differ(prefix, ids, jsonl):
     """Two jobs never share (overwrite) a manifest, and a job always finds its own again. A
     redelivered message keeps its job id (tests/unit/test_messages.py: content-derived ids for S3
     events, the sender's id for job messages), so it rewrites the same key."""
+    first, second = ids
     a, b = manifest_key(prefix, first, jsonl=jsonl), manifest_key(prefix, second, jsonl=jsonl)
     assert (a == b) == (first == second)
     assert a.rsplit("/", 1)[-1] == f"{first}.{'jsonl' if jsonl else 'json'}"
