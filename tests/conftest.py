@@ -7,6 +7,8 @@ import io
 import os
 import socket
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,22 +63,31 @@ def mock_s3(aws_env):
         yield boto3.client("s3", region_name="us-east-1")
 
 
-@pytest.fixture
-def moto_server(aws_env, monkeypatch):
-    """moto in server mode on 127.0.0.1:<free port>; AWS_ENDPOINT_URL points boto3 at it."""
+@contextmanager
+def threaded_moto_server() -> Iterator[str]:
+    """moto's server mode in a thread of this process on 127.0.0.1:<free port>, started clean and
+    stopped on exit; yields its endpoint. A thread is enough for every test that does not need to
+    kill the server (none does today); moto's backends live in this process, hence the reset."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
-    urllib.request.urlopen(reset).close()  # moto's backends live in this process: start clean
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     try:
+        endpoint = f"http://127.0.0.1:{port}"
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset).close()  # state left by mock_aws or an earlier server: start clean
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture
+def moto_server(aws_env, monkeypatch):
+    """moto in server mode on 127.0.0.1:<free port>; AWS_ENDPOINT_URL points boto3 at it."""
+    with threaded_moto_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield endpoint
 
 
 def colour_photo(rgb: tuple[int, int, int], size=(120, 90), seed: int = 0, fmt: str = "JPEG") -> bytes:
