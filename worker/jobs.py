@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from worker import manifests
 from worker.continuations import DEFAULT_PAGE_KEYS, ContinuationSender, Page, split_pages
 from worker.deadline import Deadline, DeadlineReached, check
-from worker.messages import SOURCE_S3_EVENT, Job, MessageError, expand_prefix_job, parse_message
+from worker.messages import SOURCE_S3_EVENT, Job, MessageError, parse_message
+from worker.prefix_listing import expand_prefix_job
 from worker.observability import logger as log
 from worker.pipeline import Answer, PhotoRequest, Pipeline
 
