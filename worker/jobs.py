@@ -44,9 +44,9 @@ from worker import manifests
 from worker.continuations import DEFAULT_PAGE_KEYS, ContinuationSender, Page, split_pages
 from worker.deadline import Deadline, DeadlineReached, check
 from worker.messages import SOURCE_S3_EVENT, Job, MessageError, parse_message
-from worker.prefix_listing import expand_prefix_job
 from worker.observability import logger as log
 from worker.pipeline import Answer, PhotoRequest, Pipeline
+from worker.prefix_listing import expand_prefix_job
 
 MANIFEST_WRITERS = 8  # concurrent manifest PUTs per batch of messages
 

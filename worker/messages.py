@@ -237,7 +237,7 @@ def _one_line(error: ValidationError, where: str) -> str:
     for part in first["loc"]:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"{path or 'message'}: {first['msg']}{more}"[:300]
+    return f"{path or 'message'}: {first['msg'].removeprefix('Value error, ')}{more}"[:300]
 
 
 # --------------------------------------------------------------------------- #
