@@ -293,8 +293,9 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     from tqdm.auto import tqdm
 
     from worker import manifests
-    from worker.messages import ImageRef, Job, expand_prefix_job
+    from worker.messages import ImageRef, Job
     from worker.pipeline import LocalReader
+    from worker.prefix_listing import expand_prefix_job
     from worker.s3uri import S3Uri
 
     _logs_to_stderr()
