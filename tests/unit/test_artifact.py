@@ -13,20 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer.artifact_writer import label_from_folder, new_version, write_artifact
+from trainer.registry import copy_to_local_registry, upload_artifact
 from worker.artifact import (
     SCHEMA_VERSION,
     ArtifactError,
     ArtifactManifest,
     Label,
-    copy_to_local_registry,
-    load_artifact,
-    new_version,
     read_manifest,
     resolve_artifact,
-    upload_artifact,
     verify_artifact,
-    write_artifact,
 )
+from worker.artifact.loading import load_artifact
 from worker.s3uri import S3Uri, s3_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +37,7 @@ BUCKET = "dogbreeds-models"
 
 
 def _labels():
-    return [Label.from_folder(i, f) for i, f in enumerate(FOLDERS)]
+    return [label_from_folder(i, f) for i, f in enumerate(FOLDERS)]
 
 
 def _fields(version=V1, **over):
@@ -115,13 +113,13 @@ def _flip_byte(p: Path, at: int | None = None):
 
 
 def test_label_from_folder():
-    label = Label.from_folder(7, "n02089078-black-and-tan_coonhound")
+    label = label_from_folder(7, "n02089078-black-and-tan_coonhound")
     assert label == Label(index=7, synset="n02089078", breed="black-and-tan coonhound",
                           folder="n02089078-black-and-tan_coonhound")
-    assert Label.from_folder(1, "n02086240-Shih-Tzu").breed == "Shih-Tzu"
+    assert label_from_folder(1, "n02086240-Shih-Tzu").breed == "Shih-Tzu"
     assert Label.from_dict(label.to_dict()) == label
     with pytest.raises(ValueError):
-        Label.from_folder(0, "Chihuahua")
+        label_from_folder(0, "Chihuahua")
 
 
 def test_new_version_is_sortable_utc_timestamp():
@@ -173,7 +171,7 @@ def test_exported_savedmodel_stores_each_weight_once(built):
 
 def test_write_rejects_label_count_mismatch(tmp_path):
     with pytest.raises(ArtifactError, match="3 classes but 4 labels"):
-        write_artifact(tmp_path / "x", keras_model=_tiny_model(), labels=_labels() + [Label.from_folder(3, "n02086079-Pekinese")],
+        write_artifact(tmp_path / "x", keras_model=_tiny_model(), labels=_labels() + [label_from_folder(3, "n02086079-Pekinese")],
                        manifest_fields=_fields(), model_card="# x")
     assert not (tmp_path / "x").exists()
 
