@@ -335,7 +335,7 @@ def test_s3_default_cache_and_errors(built, aws, tmp_path, monkeypatch):
     upload_artifact(path, f"s3://{BUCKET}/m", s3=s3)
     monkeypatch.setenv("DOGBREEDS_CACHE", str(tmp_path / "envcache"))
     local = resolve_artifact(f"s3://{BUCKET}/m/{NAME}")  # default client and default cache root
-    assert local == tmp_path / "envcache" / BUCKET / "m" / NAME / V1
+    assert local == tmp_path / "envcache" / "artifacts" / BUCKET / "m" / NAME / V1
 
     with pytest.raises(ArtifactError, match="neither manifest.json nor latest"):
         resolve_artifact(f"s3://{BUCKET}/m/missing", s3=s3, cache_dir=tmp_path / "c")

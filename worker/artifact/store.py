@@ -41,7 +41,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     base = os.environ.get(CACHE_ENV)
-    return (Path(base) if base else Path.home() / ".cache" / "dogbreeds") / CACHE_KIND
+    return (Path(base) if base else Path.home() / ".cache" / "dogbreeds").expanduser() / CACHE_KIND
 
 
 def cache_path(bucket: str, key: str, cache_dir: Path | None = None) -> Path:
