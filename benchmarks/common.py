@@ -361,7 +361,7 @@ def child_bare(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     import numpy as np
 
-    from worker.artifact import load_artifact
+    from worker.artifact.loading import load_artifact
 
     started = time.perf_counter()
     loaded = load_artifact(args.model, runtime=args.runtime)

@@ -107,7 +107,8 @@ def colour_artifact(tmp_path_factory) -> Path:
     written as a real artifact."""
     import keras
 
-    from worker import artifact, images
+    from trainer import artifact_writer
+    from worker import images
 
     keras.utils.set_random_seed(0)
     folders = list(COLOUR_BREEDS)
@@ -128,9 +129,9 @@ def colour_artifact(tmp_path_factory) -> Path:
     model.fit(x, y, epochs=60, verbose=0)
     assert model.evaluate(x, y, verbose=0)[1] == 1.0
     dest = tmp_path_factory.mktemp("artifacts") / "colours"
-    artifact.write_artifact(
+    artifact_writer.write_artifact(
         dest, keras_model=model,
-        labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(folders)],
+        labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(folders)],
         manifest_fields={"name": "colours", "version": "v1", "backbone": "none", "input_size": [32, 32],
                          "weights": {"kind": "random", "imagenet": False}},
         model_card="# colours\nA test model: dominant colour -> breed.\n",
@@ -161,10 +162,9 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
     pytest.importorskip("nncf")  # the train extra (int8 quantisation at publish time)
     import keras
 
-    from trainer import fast_runtimes
+    from trainer import artifact_writer, fast_runtimes
     from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
-    from worker import artifact
 
     keras.utils.set_random_seed(0)
     x, y = colour_data(20)
@@ -182,13 +182,13 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
     model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
     root = tmp_path_factory.mktemp("fast")
     saved = root / "saved"
-    artifact.export_saved_model(model, saved)
+    artifact_writer.export_saved_model(model, saved)
     heldout, labels = colour_data(10, seed0=100)
     files, entries = fast_runtimes.build_openvino_variants(saved, root / "variants", calibration=x, heldout=heldout,
                                                            heldout_labels=labels, threads=1)
     dest = root / "colours-fast"
-    artifact.write_artifact(
-        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+    artifact_writer.write_artifact(
+        dest, model_dir=saved, labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
         manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny", "input_size": [FAST_SIZE, FAST_SIZE],
                          "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
         model_card="# colours-fast\nA tiny test model with OpenVINO variants.\n", extra_files=files)
@@ -219,10 +219,9 @@ def dog_check_artifact(tmp_path_factory) -> dict:
     pytest.importorskip("nncf")
     import keras
 
-    from trainer import dog_check, fast_runtimes, serving
+    from trainer import artifact_writer, dog_check, fast_runtimes, serving
     from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
-    from worker import artifact
 
     keras.utils.set_random_seed(0)
     x, y = colour_data(20)
@@ -246,7 +245,7 @@ def dog_check_artifact(tmp_path_factory) -> dict:
                                   dog_head=dog_head)
     root = tmp_path_factory.mktemp("dogcheck")
     saved = root / "saved"
-    artifact.export_saved_model(served, saved)
+    artifact_writer.export_saved_model(served, saved)
     heldout = np.concatenate([colour_data(10, seed0=100)[0], grey_data(5, seed0=100)])
     labels = np.concatenate([colour_data(10, seed0=100)[1], np.full(15, -1)])
     threshold = 0.5
@@ -254,8 +253,8 @@ def dog_check_artifact(tmp_path_factory) -> dict:
         saved, root / "variants", calibration=np.concatenate([x, greys]), heldout=heldout, heldout_labels=labels,
         threads=1, num_classes=len(COLOUR_BREEDS), dog_threshold=threshold)
     dest = root / "colours-dogcheck"
-    artifact.write_artifact(
-        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+    artifact_writer.write_artifact(
+        dest, model_dir=saved, labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
         manifest_fields={"name": "colours-dogcheck", "version": "v1", "backbone": "tiny",
                          "input_size": [FAST_SIZE, FAST_SIZE],
                          "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries},

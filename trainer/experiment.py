@@ -133,7 +133,7 @@ def prepare(config: RunConfig) -> Prepared:
         cut = family.cut_layer or backbone.layers[-1].name
         extractor = features_mod.build_extractor(backbone, cut, config.preprocessing, family.backbone, (*size, 3),
                                                  pooling=family.feature_pooling)
-        cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.DEFAULT_CACHE)
+        cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.default_cache())
         common = dict(extractor=extractor, cache=cache, backbone=family.backbone, weights_sha256=source.sha256,
                       preprocessing_choice=config.preprocessing, cut_layer=models.feature_name(family, backbone),
                       seed=config.seed,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,12 @@ from tqdm.auto import tqdm
 
 from trainer import preprocessing
 
-DEFAULT_CACHE = Path(os.environ.get("DOGBREEDS_CACHE", Path.home() / ".cache" / "dogbreeds")) / "features"
+CACHE_KIND = "features"  # the sub-folder of $DOGBREEDS_CACHE that holds features (beside artifacts, weights)
+
+
+def default_cache() -> Path:
+    """``$DOGBREEDS_CACHE/features``, else ``~/.cache/dogbreeds/features`` (read when called)."""
+    return Path(os.environ.get("DOGBREEDS_CACHE") or Path.home() / ".cache" / "dogbreeds").expanduser() / CACHE_KIND
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def run_extractor(extractor, pixels: np.ndarray, batch_size: int = 16, desc: str
 class FeatureCache:
     """Features on disk, one ``.npy`` per key under ``root``."""
 
-    root: Path = DEFAULT_CACHE
+    root: Path = field(default_factory=default_cache)
 
     def path(self, key: FeatureKey) -> Path:
         return Path(self.root) / f"{key.backbone}-{key.cut_layer}-{key.digest()}.npy"

@@ -119,7 +119,7 @@ def clients(moto):
 
 def deployed_stack(moto, artifact: Path, name: str, max_receive_count: int = 5):
     """The local stand-in of infra/template.yaml, with the model published under models/."""
-    from worker.artifact import upload_artifact
+    from trainer.registry import upload_artifact
 
     s3, sqs = clients(moto)
     stack = create_stack(s3, sqs, bucket=name, queue=name, max_receive_count=max_receive_count)
