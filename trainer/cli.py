@@ -11,7 +11,8 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "vgg16_scratch_0", "vgg16_scratch_1"]
+MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "efficientnet_lite0_vgg16_transfer",
+                 "vgg16_scratch_0", "vgg16_scratch_1"]
 PREPROCESSING = ["vgg", "equalize+vgg", "seed"]
 
 
@@ -111,14 +112,18 @@ def analyze(data, out_dir, seed):
 @click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
 @click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, **options):
+@click.option("--flip-tta/--no-flip-tta", default=False, show_default=True,
+              help="Horizontal-flip test-time augmentation: the published model answers the mean of its answers on "
+                   "the photo and on its mirror image (inside the model, so every runtime does it; twice the "
+                   "compute per photo). Evaluation uses it too.")
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, flip_tta, **options):
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
     split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
     from trainer.experiment import fit_run
 
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
-                         hyperparameters=hyperparameters, **options)
+                         hyperparameters=hyperparameters, flip_tta=flip_tta, **options)
     run = fit_run(config, Path(run_dir))
     m = run["metrics"]["test"]
     click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
@@ -147,15 +152,20 @@ def _hyperparameters(hp_file, hp_set) -> dict:
 @click.option("--max-trials", type=int, default=20, show_default=True, help="Trial budget (random, bayesian).")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per trial (hyperband: max epochs).")
 @click.option("--overwrite/--resume", default=False, show_default=True, help="Start over or resume a search.")
-def tune(out_dir, tuner, max_trials, epochs, overwrite, **options):
+@click.option("--cv-folds", type=int, default=0, show_default=True,
+              help="Score each trial by k-fold cross-validation on the training photos (k >= 2; feature families, "
+                   "random or bayesian tuner) instead of one fit scored on the validation split.")
+def tune(out_dir, tuner, max_trials, epochs, overwrite, cv_folds, **options):
     """Search hyper-parameters with Keras Tuner; writes trials.jsonl and best_hyperparameters.json
-    (feed it to `fit --hp`)."""
+    (feed it to `fit --hp`). The test split is never looked at."""
     from trainer.experiment import prepare
     from trainer.tuning import tune as run_tune
 
     prepared = prepare(make_config(**options))
-    summary = run_tune(prepared, Path(out_dir), kind=tuner, max_trials=max_trials, epochs=epochs, overwrite=overwrite)
-    click.echo(f"{summary['trials']} trials in {summary['seconds']}s; best val accuracy {summary['best_val_accuracy']}")
+    summary = run_tune(prepared, Path(out_dir), kind=tuner, max_trials=max_trials, epochs=epochs, overwrite=overwrite,
+                       cv_folds=cv_folds)
+    click.echo(f"{summary['trials']} trials in {summary['seconds']}s; best score {summary['best_val_accuracy']} "
+               f"({summary['objective']})")
     click.echo(json.dumps(summary["best_hyperparameters"], indent=1))
     click.echo(f"wrote {Path(out_dir) / 'best_hyperparameters.json'}")
 

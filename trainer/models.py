@@ -6,8 +6,15 @@ Two kinds of families:
 - *feature* families (``vgg16_transfer``, ``vgg16_finetune``, ``efficientnet_lite0_transfer``)
   train on cached outputs of the frozen part of an ImageNet backbone (``features.py``); the
   inference model is ``preprocessing -> frozen part -> trainable part`` (``assemble_inference_model``).
+  A *mixed* feature family (``efficientnet_lite0_vgg16_transfer``) concatenates the cached
+  features of several single-backbone families (``parts``); its inference model runs every
+  backbone on the same photo.
 - *image* families (``vgg16_scratch_0``, ``vgg16_scratch_1``: the seed's my_VGG16_0/1) train
   end to end on photos, with preprocessing and augmentation inside the model.
+
+Any family's inference model can average its prediction on the photo and on its mirror image
+(``flip_tta``: horizontal-flip test-time augmentation, :class:`HorizontalFlip` + ``Average``),
+so every runtime exported from it (SavedModel, OpenVINO variants) does the same.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Callable
 
 import keras
 import keras_tuner as kt
-from keras import layers
+from keras import layers, ops
 
 from trainer import preprocessing
 from trainer.pooling import POOLINGS, global_pooling
@@ -48,6 +55,13 @@ class ModelFamily:
     feature_pooling: str | None = None  # trainer.pooling applied to the cut layer's map before caching
     fine_tune_layers: tuple[str, ...] = ()  # unfrozen in a second phase at a low learning rate
     defaults: dict = field(default_factory=dict)
+    parts: tuple[str, ...] = ()  # mixed families: the feature families whose features are concatenated
+    stem: str | None = None  # an earlier backbone layer whose cached maps the features are computed from
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """The backbones the inference model runs (one, or one per part of a mixed family)."""
+        return tuple(get_family(p).backbone for p in self.parts) if self.parts else (self.backbone,)
 
 
 def fixed_hyperparameters(values: dict | None = None) -> kt.HyperParameters:
@@ -155,7 +169,7 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
             "vgg16_transfer",
             "frozen ImageNet VGG16 conv base + dense head (trained on cached GeM-pooled block5_conv3 features)",
             backbone="vgg16", inputs="features", build=build_transfer_head, cut_layer="block5_conv3",
-            feature_pooling="gem",
+            feature_pooling="gem", stem="block4_pool",
         ),
         ModelFamily(
             "vgg16_finetune",
@@ -169,6 +183,13 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
             "frozen ImageNet EfficientNet-Lite0 + the same dense head (on cached average-pooled features, "
             "EfficientNet's own pooling)",
             backbone="efficientnet_lite0", inputs="features", build=build_transfer_head, feature_pooling="avg",
+        ),
+        ModelFamily(
+            "efficientnet_lite0_vgg16_transfer",
+            "frozen ImageNet EfficientNet-Lite0 and VGG16 side by side + the same dense head (on their cached "
+            "pooled features, concatenated: Lite0 average-pooled 1280 + VGG16 GeM-pooled block5_conv3 512)",
+            backbone="efficientnet_lite0+vgg16", inputs="features", build=build_transfer_head,
+            parts=("efficientnet_lite0_transfer", "vgg16_transfer"),
         ),
         ModelFamily(
             "vgg16_scratch_0",
@@ -215,13 +236,91 @@ def feature_name(family: ModelFamily, backbone: keras.Model) -> str:
     return f"{cut}+{family.feature_pooling}" if family.feature_pooling else cut
 
 
-def assemble_inference_model(family: ModelFamily, trainable: keras.Model, *, backbone: keras.Model | None,
-                             preprocessing_choice: str, input_shape=(224, 224, 3)) -> keras.Model:
-    """The self-contained inference model: float32 RGB 0..255 photos in, probabilities out."""
+def stem_tail(backbone: keras.Model, stem: str, cut_layer: str, pooling: str | None = None) -> keras.Model:
+    """The backbone's layers after ``stem`` up to ``cut_layer`` (then ``pooling``), as a model
+    that takes the stem's maps: ``frozen_part(backbone, cut_layer, pooling)`` equals
+    ``stem_tail(...)(frozen_part(backbone, stem)(x))`` for a plain chain of layers (VGG16)."""
+    names = [layer.name for layer in backbone.layers]
+    start, end = names.index(stem), names.index(cut_layer)
+    inputs = keras.Input(backbone.get_layer(stem).output.shape[1:], name=f"{stem}_maps")
+    x = inputs
+    for layer in backbone.layers[start + 1:end + 1]:
+        x = layer(x)
+    if pooling:
+        x = global_pooling(pooling)(x)
+    tail = keras.Model(inputs, x, name=f"{backbone.name}_{stem}_to_{cut_layer}")
+    tail.trainable = False
+    return tail
+
+
+@keras.saving.register_keras_serializable(package="dogbreeds")
+class HorizontalFlip(layers.Layer):
+    """The mirror image of a batch of channels-last images (always, not at random)."""
+
+    def call(self, inputs):
+        return ops.flip(inputs, axis=2)
+
+
+def build_feature_backbones(family: ModelFamily, weights: str = "auto", input_shape=(224, 224, 3)):
+    """The ImageNet backbone(s) of a feature family and where their weights came from:
+    ``(backbone, weights dict)`` for a single-backbone family, ``({name: backbone}, weights dict
+    with one entry per backbone in "parts")`` for a mixed one. The weights dict's ``sha256`` is
+    that of the one backbone, or a sha256 over the parts' sha256s."""
+    import hashlib
+
+    from trainer.backbones import build_backbone
+
+    built = {name: build_backbone(name, weights=weights, input_shape=tuple(input_shape)) for name in family.backbones}
+    if not family.parts:
+        backbone, source = built[family.backbone]
+        return backbone, source.to_dict()
+    parts = [dict(source.to_dict(), backbone=name) for name, (_, source) in built.items()]
+    combined = {
+        "kind": "+".join(p["kind"] for p in parts),
+        "imagenet": all(p.get("imagenet") for p in parts),
+        "sha256": hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest(),
+        "note": "; ".join(f"{p['backbone']}: {p.get('note', '')}" for p in parts),
+        "parts": parts,
+    }
+    return {name: backbone for name, (backbone, _) in built.items()}, combined
+
+
+def frozen_features(family: ModelFamily, backbone, preprocessing_choice: str, images):
+    """``images`` (float32 RGB 0..255) -> the family's frozen features: preprocessing, frozen
+    backbone part, global pooling; for a mixed family, each part's, concatenated."""
+    if family.parts:
+        outputs = []
+        for part in map(get_family, family.parts):
+            x = preprocessing.build_preprocessing(preprocessing_choice, part.backbone)(images)
+            outputs.append(frozen_part(backbone[part.backbone], part.cut_layer, part.feature_pooling)(x, training=False))
+        return layers.Concatenate(name="mixed_features")(outputs)
+    if isinstance(backbone, dict):
+        backbone = backbone[family.backbone]
+    x = preprocessing.build_preprocessing(preprocessing_choice, family.backbone)(images)
+    return frozen_part(backbone, family.cut_layer, family.feature_pooling)(x, training=False)
+
+
+def assemble_inference_model(family: ModelFamily, trainable: keras.Model, *, backbone=None,
+                             preprocessing_choice: str, input_shape=(224, 224, 3),
+                             flip_tta: bool = False) -> keras.Model:
+    """The self-contained inference model: float32 RGB 0..255 photos in, probabilities out.
+    ``backbone``: the backbone (or ``{name: backbone}`` of a mixed family). ``flip_tta``: the
+    mean of the probabilities on the photo and on its mirror image (one model, called twice)."""
     if family.inputs == "images":
-        return trainable
-    inputs = keras.Input(input_shape, name="image")
-    x = preprocessing.build_preprocessing(preprocessing_choice, family.backbone)(inputs)
-    x = frozen_part(backbone, family.cut_layer, family.feature_pooling)(x, training=False)
-    outputs = trainable(x, training=False)
-    return keras.Model(inputs, outputs, name=f"{family.name}_inference")
+        single = trainable
+    else:
+        inputs = keras.Input(input_shape, name="image")
+        outputs = trainable(frozen_features(family, backbone, preprocessing_choice, inputs), training=False)
+        single = keras.Model(inputs, outputs, name=f"{family.name}_inference")
+    if not flip_tta:
+        return single
+    return with_flip_tta(single, name=f"{family.name}_flip_tta")
+
+
+def with_flip_tta(model: keras.Model, name: str | None = None) -> keras.Model:
+    """``model`` averaged over the photo and its mirror image: horizontal-flip test-time
+    augmentation as part of the model, so it is exported with it."""
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    mirrored = model(HorizontalFlip(name="horizontal_flip")(inputs), training=False)
+    outputs = layers.Average(name="flip_tta")([model(inputs, training=False), mirrored])
+    return keras.Model(inputs, outputs, name=name or f"{model.name}_flip_tta")
