@@ -46,6 +46,9 @@ def data_options(command):
                           "original design). Recorded in the artifact; the worker resizes the same way."),
         click.option("--augment-copies", type=int, default=2, show_default=True,
                      help="Augmented copies of each training photo (cached features) for feature families."),
+        click.option("--augmentation", type=click.Choice(["default", "strong"]), default="default", show_default=True,
+                     help="How the augmented copies are made: default (mild rotation, shift, zoom, contrast, flip) or "
+                          "strong (larger zoom in and out, shifts and contrast)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="Feature cache (default ~/.cache/dogbreeds)."),
     ]
@@ -53,14 +56,14 @@ def data_options(command):
 
 
 def make_config(data, *, model, preprocessing, weights, split_file, split_column, val_fraction, test_fraction, breeds,
-                min_photos, image_size, image_fit, augment_copies, seed, cache_dir, **extra):
+                min_photos, image_size, image_fit, augment_copies, augmentation, seed, cache_dir, **extra):
     from trainer.experiment import RunConfig
 
     return RunConfig(data=data, model=model, preprocessing=preprocessing, weights=weights, split_file=split_file,
                      split_column=split_column, val_fraction=val_fraction, test_fraction=test_fraction,
                      breeds=breeds.split(",") if breeds else None, min_photos=min_photos, image_size=image_size,
                      image_fit=image_fit,
-                     augment_copies=augment_copies, seed=seed, cache_dir=cache_dir, **extra)
+                     augment_copies=augment_copies, augmentation=augmentation, seed=seed, cache_dir=cache_dir, **extra)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -39,6 +39,7 @@ class RunConfig:
     image_size: int = 224
     image_fit: str = "crop"  # worker.images fit: crop (aspect kept, centre) or squash
     augment_copies: int = 2
+    augmentation: str = "default"  # trainer.features.AUGMENTATIONS: how the augmented copies are made
     flip_tta: bool = False  # serve (and evaluate) the mean prediction on the photo and its mirror image
     seed: int = 0
     epochs: int = 60
@@ -167,9 +168,11 @@ class FeatureSource:
                 extractor=extractor, cache=cache, backbone=part.backbone, weights_sha256=part_weights[part.backbone].get("sha256", ""),
                 preprocessing_choice=config.preprocessing, cut_layer=models.feature_name(part, part_backbone),
                 seed=config.seed, progress=config.progress, stem=stem))
+        self.augmentation = config.augmentation
 
     def __call__(self, pixels: np.ndarray, *, copies: int = 0, desc: str = "features") -> list[np.ndarray]:
-        per_source = [features_mod.features_for(pixels, copies=copies, desc=desc, **common) for common in self._sources]
+        per_source = [features_mod.features_for(pixels, copies=copies, desc=desc, augmentation=self.augmentation,
+                                                **common) for common in self._sources]
         return [np.concatenate(arrays, axis=-1) for arrays in zip(*per_source)]
 
     def flipped(self, pixels: np.ndarray, desc: str = "features") -> np.ndarray:

@@ -22,6 +22,14 @@ from trainer import preprocessing
 
 DEFAULT_CACHE = Path(os.environ.get("DOGBREEDS_CACHE", Path.home() / ".cache" / "dogbreeds")) / "features"
 
+# Augmentation of the cached training copies (trainer.preprocessing.build_augmentation factors).
+# "default": mild rotation, translation, zoom, contrast and a random flip; "strong": larger
+# zoom (in and out), shifts and contrast, as for photos framed less tightly than Stanford's.
+AUGMENTATIONS = {
+    "default": {},
+    "strong": {"rotation": 0.15, "translation": 0.2, "zoom": 0.35, "contrast": 0.4},
+}
+
 
 @dataclass(frozen=True)
 class FeatureKey:
@@ -144,14 +152,16 @@ class FeatureCache:
 def features_for(pixels: np.ndarray, *, extractor, cache: FeatureCache, backbone: str, weights_sha256: str,
                  preprocessing_choice: str, cut_layer: str, copies: int = 0, seed: int = 0,
                  batch_size: int = 16, progress: bool = True, desc: str = "",
-                 stem: Stem | None = None) -> list[np.ndarray]:
-    """Features of the photos (copy 0) and of ``copies`` seeded augmented copies, from the
+                 stem: Stem | None = None, augmentation: str = "default") -> list[np.ndarray]:
+    """Features of the photos (copy 0) and of ``copies`` seeded augmented copies (``augmentation``:
+    a key of :data:`AUGMENTATIONS`; the cache key holds the augmented pixels), from the
     cache when present. Returns one array per copy. With ``stem``, each is computed from the
     stem layer's maps (themselves cached) instead of from the photos with ``extractor``."""
     results = []
     for copy in range(copies + 1):
         started = time.perf_counter()
-        batch = pixels if copy == 0 else preprocessing.augment_batch(pixels, seed=seed * 1000 + copy)
+        batch = pixels if copy == 0 else preprocessing.augment_batch(pixels, seed=seed * 1000 + copy,
+                                                                     **AUGMENTATIONS[augmentation])
         key = FeatureKey(pixels_sha256(batch), backbone, weights_sha256, preprocessing_choice, cut_layer, copy, seed,
                          via=stem.layer if stem else "")
         label = f"{desc} copy {copy}" if copy else (desc or "features")
