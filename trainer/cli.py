@@ -11,8 +11,9 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "efficientnet_lite0_vgg16_transfer",
-                 "vgg16_scratch_0", "vgg16_scratch_1"]
+MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "efficientnet_lite0_finetune",
+                 "efficientnet_lite0_imagenet_head", "efficientnet_lite0_vgg16_transfer",
+                 "efficientnet_lite0_vgg16_imagenet_head", "vgg16_scratch_0", "vgg16_scratch_1"]
 PREPROCESSING = ["vgg", "equalize+vgg", "seed"]
 
 
@@ -112,7 +113,8 @@ def analyze(data, out_dir, seed):
               help="JSON of hyper-parameters (e.g. best_hyperparameters.json from `tune`); defaults otherwise.")
 @click.option("--set", "hp_set", multiple=True, metavar="NAME=VALUE", help="Set one hyper-parameter (repeatable).")
 @click.option("--epochs", type=int, default=60, show_default=True)
-@click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
+@click.option("--fine-tune-epochs", type=int, default=20, show_default=True,
+              help="Second phase (the *_finetune families).")
 @click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--flip-tta/--no-flip-tta", default=False, show_default=True,

@@ -83,6 +83,7 @@ class Prepared:
             num_classes=len(self.dataset.classes), input_shape=(size, size, 3),
             feature_shape=tuple(self.x_train.shape[1:]) if self.family.inputs == "features" else None,
             backbone=self.backbone, preprocessing=self.config.preprocessing, augmentation_seed=self.config.seed,
+            classes=tuple(self.dataset.classes),
         )
 
     def training_data(self) -> training.TrainingData:

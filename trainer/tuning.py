@@ -10,6 +10,7 @@ folds), not the accuracy on the small validation split: 990 held-out answers ins
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,16 +26,18 @@ TUNERS = ("random", "hyperband", "bayesian")
 
 def cross_validate(prepared: Prepared, hp_values: dict | kt.HyperParameters, *, folds: int = 5, epochs: int = 80,
                    patience: int = 8, batch_size: int = 64, flip_tta: bool | None = None, seed: int | None = None,
-                   verbose: int = 0) -> dict:
+                   fine_tune_epochs: int | None = None, verbose: int = 0) -> dict:
     """Stratified k-fold cross-validation of a feature family's head on the run's training
     photos: for each fold, a head built from ``hp_values`` trains on every copy (the photo and
-    its augmented copies) of the other folds' photos, stops early on the held-out fold's loss,
-    and answers for the held-out photos (averaged with its answer on their mirror images when
+    its augmented copies) of the other folds' photos as ``training.fit`` trains it (both phases
+    of a fine-tuning family), stops early on the held-out fold's loss, and answers for the
+    held-out photos (averaged with its answer on their mirror images when
     ``flip_tta``; default: the run's). Returns pooled top-1 and loss over all held-out photos,
     and per-fold top-1."""
     from sklearn.model_selection import StratifiedKFold
 
     seed = prepared.config.seed if seed is None else seed
+    fine_tune_epochs = prepared.config.fine_tune_epochs if fine_tune_epochs is None else fine_tune_epochs
     flip_tta = prepared.config.flip_tta if flip_tta is None else flip_tta
     labels = prepared.train.labels
     n = len(labels)
@@ -52,9 +55,10 @@ def cross_validate(prepared: Prepared, hp_values: dict | kt.HyperParameters, *, 
         data = training.TrainingData(prepared.x_train[rows], prepared.y_train[rows], prepared.x_train[held_idx],
                                      labels[held_idx], len(prepared.dataset.classes))
         model = models.build(prepared.config.model, hp, prepared.context())
-        train, val = data.datasets(batch_size, seed)
-        model.fit(train, validation_data=val, epochs=epochs, verbose=verbose, callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)])
+        with tempfile.TemporaryDirectory(prefix="cv-") as tmp:  # the same fit as `fit`: both phases, best epoch
+            model = training.fit(prepared.family, model, data, hp.values, Path(tmp), epochs=epochs,
+                                 fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
+                                 seed=seed * 100 + fold, verbose=verbose).model
         fold_probs = model.predict(prepared.x_train[held_idx], batch_size=256, verbose=0)
         if mirrored is not None:
             fold_probs = (fold_probs + model.predict(mirrored[held_idx], batch_size=256, verbose=0)) / 2

