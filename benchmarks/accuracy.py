@@ -117,9 +117,16 @@ STEPS = [
     # horizontal-flip test-time augmentation inside the served model
     Row("efficientnet_lite0_transfer", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
     Row("vgg16_transfer", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
+    # the breed head starts as Lite0's own ImageNet classifier restricted to the breeds (the ImageNet
+    # baseline), then trains on the breed photos
+    Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset"),
+    Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
     # EfficientNet-Lite0 and VGG16 features side by side
     Row("efficientnet_lite0_vgg16_transfer", "vgg", 320, 1, "subset"),
     Row("efficientnet_lite0_vgg16_transfer", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
+    Row("efficientnet_lite0_vgg16_imagenet_head", "vgg", 320, 0, "subset"),
+    Row("efficientnet_lite0_vgg16_imagenet_head", "vgg", 320, 1, "subset"),
+    Row("efficientnet_lite0_vgg16_imagenet_head", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
 ]
 
 
@@ -163,6 +170,8 @@ def outside_photos(prepared, data_root: Path):
 def measure_outside(prepared, model, data_root: Path) -> dict | None:
     """Top-1/top-5 of the served model (flip TTA included when the run has it) on the outside
     photos: only measured, never trained or chosen on."""
+    import numpy as np
+
     from trainer.evaluation import evaluate_probabilities
     from trainer.experiment import predict_photos
 
@@ -170,9 +179,16 @@ def measure_outside(prepared, model, data_root: Path) -> dict | None:
     if loaded is None or not len(loaded.pixels):
         return None
     probs = predict_photos(prepared, model, loaded.pixels, desc="outside features")
-    result = evaluate_probabilities(probs, loaded.labels, prepared.dataset.classes,
-                                    [p.relative_path for p in loaded.photos])
-    return {**result.summary(), "per_breed": {k: v["top1"] for k, v in result.per_breed.items() if v["photos"]}}
+    paths = [p.relative_path for p in loaded.photos]
+    result = evaluate_probabilities(probs, loaded.labels, prepared.dataset.classes, paths)
+    # 630 of the 660 are ImageNet *training* photos (seen, with their labels, when the backbones and
+    # Lite0's ImageNet classifier were trained); the ILSVRC2012 validation photos are the only ones
+    # no part of any model has seen
+    unseen = np.array(["ILSVRC2012_val" in p for p in paths])
+    correct = probs.argmax(1) == loaded.labels
+    return {**result.summary(), "per_breed": {k: v["top1"] for k, v in result.per_breed.items() if v["photos"]},
+            "imagenet_val": {"photos": int(unseen.sum()),
+                             "top1": round(float(correct[unseen].mean()), 4) if unseen.any() else None}}
 
 
 def run_row(row: Row, args) -> dict:
