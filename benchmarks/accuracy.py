@@ -120,6 +120,9 @@ STEPS = [
     # the breed head starts as Lite0's own ImageNet classifier restricted to the breeds (the ImageNet
     # baseline), then trains on the breed photos
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset"),
+    # input size, on the family the selection picks: 320 px against 224 px (no augmented copies)
+    Row("efficientnet_lite0_imagenet_head", "vgg", 320, 0, "subset"),
+    Row("efficientnet_lite0_imagenet_head", "vgg", 224, 0, "subset"),
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
     # EfficientNet-Lite0 and VGG16 features side by side
     Row("efficientnet_lite0_vgg16_transfer", "vgg", 320, 1, "subset"),

@@ -15,14 +15,21 @@ MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfe
                  "efficientnet_lite0_imagenet_head", "efficientnet_lite0_vgg16_transfer",
                  "efficientnet_lite0_vgg16_imagenet_head", "vgg16_scratch_0", "vgg16_scratch_1"]
 PREPROCESSING = ["vgg", "equalize+vgg", "seed"]
+# what the cross-validated selection on the 11 breeds' training photos picked (benchmarks/selection.py,
+# benchmarks/accuracy.py --steps; never the test split or the outside photos)
+DEFAULT_MODEL = "efficientnet_lite0_imagenet_head"
+DEFAULT_IMAGE_SIZE = 320
 
 
 def data_options(command):
     """Options shared by every command that reads a dataset and splits it."""
     options = [
         click.argument("data"),
-        click.option("--model", "model", type=click.Choice(MODEL_CHOICES), default="vgg16_transfer", show_default=True,
-                     help="Model family (hyper-model) to build."),
+        click.option("--model", "model", type=click.Choice(MODEL_CHOICES), default=DEFAULT_MODEL, show_default=True,
+                     help="Model family (hyper-model) to build. The default is the family 5-fold cross-validation "
+                          "on the training photos picked (README, Benchmarks); it needs breed folders named after "
+                          "ImageNet-1k synsets (every Stanford Dogs breed is one): use efficientnet_lite0_transfer "
+                          "for other breeds."),
         click.option("--preprocessing", type=click.Choice(PREPROCESSING), default="vgg", show_default=True,
                      help="vgg: the backbone's own normalisation; equalize+vgg: histogram equalisation first; "
                           "seed: equalise + [0,1] as in the original design."),
@@ -39,8 +46,9 @@ def data_options(command):
         click.option("--breeds", help="Comma-separated breed folders or synsets to keep (default: all)."),
         click.option("--min-photos", type=int, default=0, show_default=True,
                      help="Keep only breeds with at least this many photos."),
-        click.option("--image-size", type=int, default=224, show_default=True,
-                     help="Model input size (224 for ImageNet backbones; smaller makes scratch models affordable)."),
+        click.option("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, show_default=True,
+                     help="Model input size (320 chosen by cross-validation against 224 for ImageNet backbones; "
+                          "smaller makes scratch models affordable)."),
         click.option("--fit", "image_fit", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
                      help="How a photo becomes image-size x image-size: crop (aspect kept, the centre cut out; "
                           "+2.8 points top-1 measured on 11 breeds) or squash (the whole photo, distorted, as the "
@@ -125,11 +133,16 @@ def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
     split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
     from trainer.experiment import fit_run
+    from trainer.models import NotImageNetBreeds
 
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
                          hyperparameters=hyperparameters, flip_tta=flip_tta, **options)
-    run = fit_run(config, Path(run_dir))
+    try:
+        run = fit_run(config, Path(run_dir))
+    except NotImageNetBreeds as error:
+        raise click.UsageError(f"{error} (--model {config.model}); choose another --model, e.g. "
+                               f"efficientnet_lite0_transfer") from error
     m = run["metrics"]["test"]
     click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
                f"({run['seconds']})")

@@ -113,6 +113,8 @@ def prepare(config: RunConfig) -> Prepared:
     split = datasets.Split(split.method, *[[r for r in getattr(split, part) if r.split("/", 1)[0] in dataset.classes]
                                            for part in datasets.SPLITS])
     _log(config, f"data: {len(dataset.classes)} breeds, split {split.counts()} ({split.method})")
+    if family.build is models.build_imagenet_head:
+        models.imagenet_breed_classifier(dataset.classes)  # NotImageNetBreeds now, not after the features
     size = (config.image_size, config.image_size)
     loaded = {part: datasets.load_photos(dataset, split.photos(dataset, part), size, fit=config.image_fit,
                                          desc=f"decode {part}",

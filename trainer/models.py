@@ -136,6 +136,11 @@ def build_finetune_head(hp: kt.HyperParameters, ctx: BuildContext, family: str =
 LITE0_FEATURES = 1280  # EfficientNet-Lite0's average-pooled features, what its ImageNet classifier reads
 
 
+class NotImageNetBreeds(ValueError):
+    """Breed folders that are not all ImageNet-1k classes: an ImageNet-initialised head cannot start
+    from Lite0's ImageNet classifier for them (any other family can train on them)."""
+
+
 def imagenet_breed_classifier(classes) -> tuple:
     """EfficientNet-Lite0's ImageNet classifier restricted to the breeds: kernel (1280, C) and
     bias (C,), column ``j`` the ImageNet class of breed folder ``classes[j]`` ("<synset>-<Breed>";
@@ -150,7 +155,7 @@ def imagenet_breed_classifier(classes) -> tuple:
     synsets = [folder.split("-", 1)[0] for folder in classes]
     missing = [s for s in synsets if s not in index]
     if not synsets or missing:
-        raise ValueError(f"an ImageNet-initialised head needs breed folders named after ImageNet-1k synsets; "
+        raise NotImageNetBreeds(f"an ImageNet-initialised head needs breed folders named after ImageNet-1k synsets; "
                          f"not ImageNet-1k classes: {', '.join(missing) or '(no classes given)'}")
     kernel, bias = efficientnet_lite0_imagenet_weights()[0]["predictions"]
     columns = [index[s] for s in synsets]
