@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test lint bench bench-accuracy clean check-infra container container-test soak
+.PHONY: install demo test lint bench bench-accuracy bench-fleet bench-cost bench-report bench-memory report-screenshot clean check-infra container container-test soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ bench: $(STAMP)
 
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py
+
+bench-fleet: $(STAMP)
+	$(BIN)/python benchmarks/fleet.py
+
+bench-cost: $(STAMP)
+	$(BIN)/python benchmarks/cost.py
+
+bench-report: $(STAMP)
+	$(BIN)/python benchmarks/report_size.py
+
+# docs/report.png (the README's picture): the browser test's screenshot of its small run's report
+report-screenshot: $(STAMP)
+	DOGBREEDS_REPORT_SCREENSHOT=docs/report.png $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/integration/test_report.py -k chromium
+
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/decode_memory.py
 
 soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402  (sibling benchmark: photos, default model, logging)
+
 from trainer import fast_runtimes  # noqa: E402
 
 BATCH = 16

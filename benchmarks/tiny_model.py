@@ -80,3 +80,74 @@ def build_colour_artifact(dest: str | os.PathLike, *, epochs: int = 60, seed: in
         model_card="# colours\nA tiny benchmark model: dominant colour -> breed.\n",
     )
     return dest
+
+
+FAST_INPUT_SIZE = (32, 32)
+
+
+def build_fast_colour_artifact(dest: str | os.PathLike, *, epochs: int = 40, seed: int = 0) -> Path:
+    """A tiny conv net on the colour "breeds" (VGG preprocessing layer, two convolutions, GeM pooling
+    as the VGG16 transfer model has, dense head), written at ``dest`` with its OpenVINO int8 (-> bf16
+    cascade) and bf16 variants as ``dogbreeds-train publish`` builds them: every runtime the worker
+    serves, in seconds, for smoke runs of the benchmarks. The recipe of the ``fast_colour_artifact``
+    test fixture (tests/conftest.py). Needs the ``train`` extra (OpenVINO, NNCF)."""
+    import tempfile
+
+    import keras
+
+    from trainer import fast_runtimes
+    from trainer.pooling import global_pooling
+    from trainer.preprocessing import build_preprocessing
+    from worker import artifact, images
+
+    def photos(n_per_class: int, seed0: int):
+        x, y = [], []
+        for label, folder in enumerate(COLOUR_BREEDS):
+            for photo_seed in range(seed0, seed0 + n_per_class):
+                x.append(images.load_image(colour_photo(COLOUR_BREEDS[folder], seed=photo_seed),
+                                           size=(FAST_INPUT_SIZE[1], FAST_INPUT_SIZE[0])))
+                y.append(label)
+        return np.stack(x), np.array(y)
+
+    keras.utils.set_random_seed(seed)
+    x, y = photos(20, 0)
+    model = keras.Sequential([
+        keras.Input((*FAST_INPUT_SIZE, 3)),
+        build_preprocessing("vgg", "vgg16"),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        global_pooling("gem"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x.astype(np.float32), y, epochs=epochs, batch_size=30, verbose=0)
+    folders = list(COLOUR_BREEDS)
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix=".tiny-") as tmp:
+        saved = Path(tmp) / "saved"
+        artifact.export_saved_model(model, saved)
+        heldout, labels = photos(10, 100)
+        files, entries = fast_runtimes.build_openvino_variants(saved, Path(tmp) / "variants", calibration=x,
+                                                               heldout=heldout, heldout_labels=labels, threads=1)
+        artifact.write_artifact(
+            dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(folders)],
+            manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny",
+                             "input_size": list(FAST_INPUT_SIZE), "weights": {"kind": "random", "imagenet": False},
+                             "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
+            model_card="# colours-fast\nA tiny benchmark model with OpenVINO variants: dominant colour -> breed.\n",
+            extra_files=files)
+    return dest
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny colour model artifact (for smoke runs of the "
+                                                 "benchmarks: --model DEST).")
+    parser.add_argument("dest", help="Artifact folder to write (must not exist).")
+    parser.add_argument("--fast", action="store_true", help="The conv net with OpenVINO int8/bf16 variants.")
+    args = parser.parse_args()
+    built = (build_fast_colour_artifact if args.fast else build_colour_artifact)(args.dest)
+    print(built)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Static and smoke checks of the deployment files, offline:
-#   cfn-lint infra/template.yaml
+#   cfn-lint infra/template.yaml infra/poller-service.yaml
 #   sam validate --lint -t infra/template.yaml
 #   hadolint infra/Dockerfile
-#   pytest tests/unit/test_iam_policy.py tests/integration/test_infra.py
-#     (the SAM template translated with samtranslator and deployed into moto's CloudFormation)
+#   pytest tests/unit/test_iam_policy.py tests/integration/test_infra.py tests/integration/test_poller_service.py
+#     (the SAM template translated with samtranslator and deployed into moto's CloudFormation; the
+#     Fargate poller service read, deployed into moto and its container command run against moto)
 #
 # The tools live in their own virtual environment, .venv-tools (aws-sam-cli pins its own boto3
 # and aws-sam-translator); it is made here from infra/requirements-tools.txt when missing or
@@ -48,7 +49,7 @@ timed() {
 tools_venv
 [[ ${1:-all} == venv ]] && exit 0
 
-timed "cfn-lint" "$TOOLS/bin/cfn-lint" infra/template.yaml
+timed "cfn-lint" "$TOOLS/bin/cfn-lint" infra/template.yaml infra/poller-service.yaml
 timed "sam validate --lint" "$TOOLS/bin/sam" validate --lint -t infra/template.yaml
 timed "hadolint" "$TOOLS/bin/hadolint" infra/Dockerfile
 
@@ -59,4 +60,5 @@ fi
 # Only these tests; they translate with the project venv's samtranslator if it has one, else
 # with $TOOLS in a subprocess (DOGBREEDS_TOOLS_VENV tells them where).
 DOGBREEDS_TOOLS_VENV=$(cd "$TOOLS" && pwd) timed "smoke deployment (pytest)" \
-    .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_iam_policy.py tests/integration/test_infra.py
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_iam_policy.py tests/integration/test_infra.py \
+    tests/integration/test_poller_service.py

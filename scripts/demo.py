@@ -6,8 +6,12 @@
    photos' official train split;
 3. ``dogbreeds-train publish`` the artifact to ``s3://<bucket>/models/``;
 4. drop the held-out sample photos (official test split) into ``incoming/``;
-5. ``dogbreeds-worker run --until-empty`` drains the queue and writes one manifest per photo;
-6. print the manifests as a table, true breed beside prediction, and stop the server.
+5. ``dogbreeds-worker run --until-empty`` drains the queue and writes one manifest per photo
+   (its JSON logs go to ``demo-output/worker.log``; the terminal shows a progress bar);
+6. ``dogbreeds-worker report`` writes ``demo-output/report.html`` (one static page: summary,
+   breeds, scores, every photo with its label) and ``export`` writes ``demo-output/labels.csv``;
+   stop the server;
+7. print the manifests as a table, true breed beside prediction, and the report's path.
 
 It runs the same console commands a user would."""
 
@@ -32,6 +36,28 @@ from infra.local_stack import MotoServer, create_stack  # noqa: E402
 def run(*args: str, env: dict) -> None:
     print(f"\n$ {' '.join(args)}", flush=True)
     subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, check=True, env=env)
+
+
+def run_logged(*args: str, env: dict, log: Path, done, total: int) -> None:
+    """Run a console command with its output (JSON log lines) in ``log``, showing a progress
+    bar of ``done()`` out of ``total`` instead."""
+    from tqdm import tqdm
+
+    print(f"\n$ {' '.join(args)}   (logs: {log.relative_to(ROOT)})", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as handle, tqdm(total=total, desc=args[1], unit="photo") as bar:
+        process = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT)
+        while True:
+            try:
+                process.wait(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                bar.update(done() - bar.n)
+        bar.update(done() - bar.n)
+    if process.returncode:
+        print("".join(log.read_text().splitlines(keepends=True)[-20:]), file=sys.stderr)
+        raise SystemExit(f"{args[0]} {args[1]} failed (exit {process.returncode}); see {log}")
 
 
 def held_out_photos(photos: Path, manifest: Path) -> list[Path]:
@@ -71,14 +97,23 @@ def main() -> None:
             s3.upload_file(str(path), stack.bucket, f"incoming/{path.parent.name}/{path.name}")
         print(f"\nuploaded {len(test_photos)} held-out photos to s3://{stack.bucket}/incoming/")
 
-        run("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds",
-            "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "2", env=env)
+        def manifests_written() -> int:  # one S3 event, so one message and one manifest, per photo
+            return s3.list_objects_v2(Bucket=stack.bucket, Prefix="manifests/").get("KeyCount", 0)
+
+        run_logged("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds",
+                   "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "2", env=env,
+                   log=out / "worker.log", done=manifests_written, total=len(test_photos))
 
         items = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix="manifests/"):
             for obj in page.get("Contents", []):
                 items += json.loads(s3.get_object(Bucket=stack.bucket, Key=obj["Key"])["Body"].read())["items"]
         dead = sqs.get_queue_attributes(QueueUrl=stack.dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
+
+        manifests = f"s3://{stack.bucket}/manifests/"
+        run("dogbreeds-worker", "report", manifests, "--out", str(out / "report.html"),
+            "--title", "dogbreeds demo: held-out sample photos", env=env)
+        run("dogbreeds-worker", "export", manifests, "--out", str(out / "labels.csv"), env=env)
 
     print(f"\n{'photo (s3://' + stack.bucket + '/incoming/...)':<40} {'true breed':<22} {'predicted':<22} score")
     correct = 0
@@ -92,6 +127,7 @@ def main() -> None:
           f"dead-lettered messages: {dead['Attributes']['ApproximateNumberOfMessages']}")
     print(f"held-out accuracy: {correct}/{len(items)} = {correct / max(1, len(items)):.1%}; "
           f"demo took {time.perf_counter() - started:.0f}s")
+    print(f"worker logs: {out / 'worker.log'}; labels: {out / 'labels.csv'}\nreport: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,10 @@ def analyze(data, out_dir, seed):
               help="Horizontal-flip test-time augmentation: the published model answers the mean of its answers on "
                    "the photo and on its mirror image (inside the model, so every runtime does it; twice the "
                    "compute per photo). Evaluation uses it too.")
-def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, flip_tta, **options):
+@click.option("--progress", type=click.Choice(["auto", "bar", "lines"]), default="auto", show_default=True,
+              help="How epochs are shown: one progress bar per phase with the last loss/accuracy (bar), one "
+                   "line per epoch (lines, Keras verbose=2), or auto: bar on a terminal, lines otherwise.")
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, flip_tta, progress, **options):
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
     split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
     from trainer.experiment import fit_run
@@ -138,8 +141,10 @@ def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
                          hyperparameters=hyperparameters, flip_tta=flip_tta, **options)
+    from trainer.progress import resolve_progress
+
     try:
-        run = fit_run(config, Path(run_dir))
+        run = fit_run(config, Path(run_dir), verbose="bar" if resolve_progress(progress) == "bar" else 2)
     except NotImageNetBreeds as error:
         raise click.UsageError(f"{error} (--model {config.model}); choose another --model, e.g. "
                                f"efficientnet_lite0_transfer") from error

@@ -204,7 +204,7 @@ def predict_photos(prepared: Prepared, model, pixels: np.ndarray, inputs: np.nda
     return probs
 
 
-def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, verbose: int = 2) -> dict:
+def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, verbose: int | str = 2) -> dict:
     """Prepare, build from fixed hyper-parameters, fit, evaluate on the test split, and save the
     run directory. Returns run.json's content."""
     run_dir.mkdir(parents=True, exist_ok=True)

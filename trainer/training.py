@@ -62,10 +62,11 @@ def _callbacks(run_dir: Path, phase: str, patience: int, monitor: str = "val_los
 
 def fit(family: ModelFamily, model: keras.Model, data: TrainingData, hp_values: dict, run_dir: Path, *,
         epochs: int = 60, fine_tune_epochs: int = 20, patience: int = 6, batch_size: int = 64,
-        seed: int = 0, verbose: int = 2) -> FitResult:
+        seed: int = 0, verbose: int | str = 2) -> FitResult:
     """Train ``model`` (built by ``family``) and, for families with ``fine_tune_layers``,
     unfreeze them and continue at ``hp_values['fine_tune_lr']``. Interrupted runs resume from
-    the last finished epoch when called again with the same ``run_dir``."""
+    the last finished epoch when called again with the same ``run_dir``. ``verbose`` is Keras's
+    (0, 1, 2), or ``"bar"`` for one progress bar per phase."""
     keras.utils.set_random_seed(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     train, validation = data.datasets(batch_size, seed)
@@ -74,8 +75,14 @@ def fit(family: ModelFamily, model: keras.Model, data: TrainingData, hp_values: 
     phases = []
 
     def run_phase(name: str, trained: keras.Model, datasets, n_epochs: int, learning_rate: float) -> None:
-        h = trained.fit(datasets[0], validation_data=datasets[1], epochs=n_epochs,
-                        callbacks=_callbacks(run_dir, name, patience, monitor), verbose=verbose)
+        callbacks = _callbacks(run_dir, name, patience, monitor)
+        if verbose == "bar":
+            from trainer.progress import EpochBar
+
+            callbacks.append(EpochBar(n_epochs, f"fit {name}"))
+        # shuffle=False: the tf.data pipeline shuffles itself (Keras warns that it ignores shuffle=True)
+        h = trained.fit(datasets[0], validation_data=datasets[1], epochs=n_epochs, callbacks=callbacks,
+                        verbose=0 if verbose == "bar" else verbose, shuffle=False)
         for k, v in h.history.items():
             history.setdefault(k, []).extend(float(x) for x in v)
         monitored = h.history.get(monitor, [0.0])

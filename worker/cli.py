@@ -9,16 +9,27 @@ from pathlib import Path
 
 import click
 
+from worker.settings import WorkerEnvironment
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """Label dog photos with a breed, using a model artifact published by dogbreeds-train.
+@click.option("--log-format", type=click.Choice(["auto", "json", "text"]), default="auto", show_default=True,
+              envvar="DOGBREEDS_LOG_FORMAT",
+              help="Log lines: json (structured Powertools lines, what Lambda, containers and log shippers read), "
+                   "text (one readable line each; also drops the CloudWatch EMF metric lines), or auto: text when "
+                   "the log goes to a terminal, json otherwise. Env: DOGBREEDS_LOG_FORMAT.")
+def main(log_format):
+    """Label dog photos with a breed, using a model artifact published by dogbreeds-train,
+    and look at the results (report, export).
 
     A model is a local artifact folder, a local registry folder <root>/<name> (its `latest`
     version), or s3://bucket/models/<name>[/<version>|/latest]. S3 endpoint and credentials come
     from the standard AWS environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...)."""
+    from worker.log_format import configure_logging
+
+    configure_logging(log_format)
 
 
 def _load_classifier(model_uri: str, top_k: int, **kw):
@@ -109,12 +120,13 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
 
 def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None):
     from worker.pipeline import Pipeline, PipelineSettings
-    from worker.settings import client
+    from worker.settings import WorkerEnvironment, client
 
     s3 = client("s3")
     classifier = _load_classifier(model_uri, top_k, s3=s3, runtime=runtime)
-    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k),
-                    reader=reader)
+    budget = WorkerEnvironment.from_env().decode_budget_pixels  # DOGBREEDS_DECODE_BUDGET_PIXELS
+    return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k,
+                                                     decode_budget_pixels=budget), reader=reader)
 
 
 def worker_options(command):
@@ -161,8 +173,12 @@ def worker_options(command):
 @click.option("--pipeline/--no-pipeline", "pipelined", default=True, show_default=True,
               help="Receive the next batch (and start fetching its photos) and write the previous batch's "
                    "manifests while classifying.")
+@click.option("--prefix-page-keys", type=int, default=WorkerEnvironment.from_env().prefix_page_keys,
+              show_default=True, help="A prefix job listing more photos than this is split into continuation job "
+                                       "messages of this many keys, sent back to the queue "
+                                       "(env DOGBREEDS_PREFIX_PAGE_KEYS).")
 def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, queue_url, wait_seconds,
-        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined):
+        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined, prefix_page_keys):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
@@ -172,8 +188,12 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     from worker.poller import Poller, PollerSettings
     from worker.settings import client
 
+    if prefix_page_keys < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--prefix-page-keys")
     pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
-    poller = Poller(client("sqs"), pipeline, OutputSettings(output_bucket, output_prefix, jsonl),
+    output = OutputSettings(output_bucket, output_prefix, jsonl, page_keys=prefix_page_keys,
+                            max_prefix_keys=WorkerEnvironment.from_env().max_prefix_keys)
+    poller = Poller(client("sqs"), pipeline, output,
                     PollerSettings(queue_url, wait_seconds=wait_seconds, visibility_timeout=visibility_timeout,
                                    heartbeat_seconds=heartbeat, retry_delay=retry_delay, max_total=max_messages,
                                    until_empty=until_empty, pipelined=pipelined))
@@ -235,6 +255,109 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     else:
         Path(out).write_text(document.to_jsonl() if jsonl else document.to_json())
     click.echo(f"{document.counts['ok']} ok, {document.counts['error']} errors -> {out}")
+
+
+SOURCE_FORMS = """SOURCE is where the manifests are (JSON documents or JSON Lines, as `run` and
+`classify` write them):
+
+\b
+  s3://bucket/manifests/            every *.json / *.jsonl under the prefix
+  s3://bucket/manifests/job-7.json  one manifest in S3
+  results/                          every *.json / *.jsonl under a local folder
+  results/job-7.jsonl               one local manifest
+
+Files under SOURCE that are not manifests are skipped and listed, never fatal."""
+
+
+def _manifest_source(source: str):
+    from worker.manifest_source import ManifestSource
+    from worker.settings import client
+
+    manifests = ManifestSource(source, client("s3") if source.startswith("s3://") else None)
+    try:
+        locations = manifests.locations()
+    except FileNotFoundError as error:
+        raise click.BadParameter(str(error), param_hint="SOURCE") from error
+    if not locations:
+        raise click.ClickException(f"no manifests (*.json, *.jsonl) under {source}")
+    return manifests
+
+
+@main.command(epilog=SOURCE_FORMS)
+@click.argument("source")
+@click.option("--out", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write (one self-contained page: inline CSS/JS, no server, no CDN).")
+@click.option("--link", is_flag=True,
+              help="Show photos through presigned S3 URLs (file:// for local photos) instead of embedding "
+                   "thumbnails: a much smaller page that needs S3 access to look at and stops showing photos "
+                   "when the links expire.")
+@click.option("--link-expires", type=click.IntRange(1, 7 * 24 * 3600), default=7 * 24 * 3600, show_default=True,
+              help="Seconds a --link URL stays valid (S3 allows at most 7 days).")
+@click.option("--thumb-size", type=click.IntRange(16, 512), default=128, show_default=True,
+              help="Longer side of an embedded thumbnail, in pixels (page size grows with its square).")
+@click.option("--thumb-quality", type=click.IntRange(10, 95), default=70, show_default=True,
+              help="JPEG quality of the embedded thumbnails.")
+@click.option("--page-size", type=click.IntRange(10, 1000), default=100, show_default=True,
+              help="Photos per gallery page (the page renders one page of cards at a time).")
+@click.option("--download-threads", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Photos fetched and shrunk at once.")
+@click.option("--title", help="Page title (default: 'dogbreeds report: SOURCE').")
+def report(source, out, link, link_expires, thumb_size, thumb_quality, page_size, download_threads, title):
+    """Write one static HTML page to look at a labelled batch: a summary (photos, counts per
+    status, model name and version), photos per breed, score histograms, a gallery of
+    thumbnails with breed, score bar and top-k (filters: breed, status, score below t, key)
+    and the list of errors with their codes. Photos come from S3 (the worker's S3 settings)
+    or from the local folder a `classify` read; one that cannot be fetched or decoded gets
+    a placeholder. Built streaming, with a progress bar: fine for 10,000 photos."""
+    from worker.report import ReportSettings, build_report
+    from worker.settings import client
+    from worker.thumbnails import PhotoFetcher
+
+    manifests = _manifest_source(source)
+    fetcher = PhotoFetcher(client("s3"), size=thumb_size, quality=thumb_quality, link=link,
+                           link_expires=link_expires)
+    settings = ReportSettings(title=title or f"dogbreeds report: {source}", page_size=page_size,
+                              threads=download_threads, ahead=8 * download_threads)
+    summary = build_report(manifests, out, fetcher.thumbnail, settings)
+    for problem in summary.problems:
+        click.echo(f"skipped {problem.location}: {problem.reason}", err=True)
+    click.echo(f"{summary.line()}", err=True)
+    click.echo(f"report written to {Path(out).resolve()}")
+
+
+@main.command(epilog=SOURCE_FORMS)
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="The file to write; '-' writes CSV to standard output.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]),
+              help="csv (top_k as a JSON string, null as an empty field) or parquet (typed columns, top_k a "
+                   "list of structs; needs pyarrow, the 'export' extra). Default: from --out's suffix, else csv.")
+def export(source, out, fmt):
+    """Write every item of the manifests under SOURCE as one table, one row per photo:
+    bucket, key, etag, version_id, status, error_code, error_message, breed, synset, score,
+    dog_score, top_k, model_name, model_version, model_runtime, job_id, manifest (its location)."""
+    from tqdm.auto import tqdm
+
+    from worker.export import MissingDependency, write_csv, write_parquet
+
+    fmt = fmt or ("parquet" if out.lower().endswith((".parquet", ".pq")) else "csv")
+    if fmt == "parquet" and out == "-":
+        raise click.BadParameter("Parquet needs a file, not standard output", param_hint="--out")
+    manifests = _manifest_source(source)
+    with tqdm(desc="export", unit="row", file=sys.stderr, disable=None) as bar:
+        try:
+            if fmt == "parquet":
+                rows = write_parquet(out, manifests.items(), progress=bar.update)
+            elif out == "-":
+                rows = write_csv(sys.stdout, manifests.items(), progress=bar.update)
+            else:
+                with open(out, "w", newline="", encoding="utf-8", errors="replace") as handle:
+                    rows = write_csv(handle, manifests.items(), progress=bar.update)
+        except MissingDependency as error:
+            raise click.ClickException(str(error)) from error
+    for problem in manifests.problems:
+        click.echo(f"skipped {problem.location}: {problem.reason}", err=True)
+    click.echo(f"{rows} rows ({fmt}) -> {out}", err=True)
 
 
 def _print_table(results: list[dict], top_k: int) -> None:

@@ -4,19 +4,30 @@ Powertools' BatchProcessor reports exactly the failed message ids in ``batchItem
 (the function's event source mapping needs ``ReportBatchItemFailures``). All records of the
 event are classified together first (so one-photo S3 event messages still infer in full
 batches); the per-record handler then only reports each record's outcome. The model is loaded
-once per execution environment and reused across invocations."""
+once per execution environment and reused across invocations.
+
+Time limit: the invocation's deadline is ``context.get_remaining_time_in_millis()`` less
+``DOGBREEDS_LAMBDA_SAFETY_MS`` (:mod:`worker.deadline`): past it no new work starts, the
+messages already answered get their manifests and the others are reported in
+``batchItemFailures`` (retried), so the function never times out half-way through a batch.
+A prefix job longer than a page sends its continuation pages to the queue its record came from
+(the record's ``eventSourceARN``; the role needs ``sqs:SendMessage`` on it)."""
 
 from __future__ import annotations
 
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 
 from worker.classifier import Classifier
+from worker.continuations import ContinuationSender
+from worker.deadline import Deadline
 from worker.jobs import OutputSettings, QueuedMessage, process_messages
 from worker.observability import logger, metrics, metrics_for_batch
 from worker.pipeline import Pipeline, PipelineSettings
 from worker.settings import WorkerEnvironment, client
+from worker.sqs import queue_url_of_arn
 
 _pipeline: Pipeline | None = None  # the cached model: one per execution environment
+_sqs = None  # the SQS client for continuation pages: one per execution environment
 
 
 class MessageFailed(Exception):
@@ -32,9 +43,18 @@ def get_pipeline(env: WorkerEnvironment) -> Pipeline:
         classifier = Classifier.load(env.model, top_k=env.top_k, s3=s3, runtime=env.runtime)
         _pipeline = Pipeline(classifier, s3, PipelineSettings(batch_size=env.batch_size,
                                                               download_threads=env.download_threads,
-                                                              top_k=env.top_k))
+                                                              top_k=env.top_k,
+                                                              decode_budget_pixels=env.decode_budget_pixels))
         logger.info("model loaded", extra={"model": classifier.model_info})
     return _pipeline
+
+
+def get_sqs():
+    """The SQS client that sends continuation pages (one per execution environment)."""
+    global _sqs
+    if _sqs is None:
+        _sqs = client("sqs")
+    return _sqs
 
 
 @metrics.log_metrics
@@ -42,9 +62,15 @@ def get_pipeline(env: WorkerEnvironment) -> Pipeline:
 def lambda_handler(event: dict, context) -> dict:
     env = WorkerEnvironment.from_env()
     pipeline = get_pipeline(env)
+    deadline = Deadline.of_lambda(context, env.lambda_safety_ms)  # after the cold start: its time is spent
     records = event.get("Records", [])
+    queues = {r["messageId"]: r.get("eventSourceARN") for r in records}
+    continuations = ContinuationSender(get_sqs, lambda message_id: queues.get(message_id)
+                                       and queue_url_of_arn(queues[message_id]))
     outcome = process_messages([QueuedMessage(r["messageId"], r["body"]) for r in records], pipeline,
-                               OutputSettings(env.output_bucket, env.output_prefix, env.jsonl))
+                               OutputSettings(env.output_bucket, env.output_prefix, env.jsonl,
+                                              max_prefix_keys=env.max_prefix_keys, page_keys=env.prefix_page_keys),
+                               deadline, continuations)
     by_id = {o.message_id: o for o in outcome.outcomes}
     metrics_for_batch(outcome, flush=False)
 
@@ -54,5 +80,7 @@ def lambda_handler(event: dict, context) -> dict:
             raise MessageFailed(result.reason)
         return {"manifest": result.manifest}
 
-    return process_partial_response(event=event, record_handler=record_handler,
-                                    processor=BatchProcessor(event_type=EventType.SQS), context=context)
+    # A batch whose every message failed (e.g. a deadline reached before any was finished) is
+    # reported like any other, all ids in batchItemFailures, not raised as a function error.
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -14,8 +14,9 @@ Decoding (:func:`decode_image`)
   ``not_an_image``.
 * Animated images (GIF, APNG, WebP) and multi-page TIFFs: only the first
   frame / page is used.
-* EXIF orientation is applied (``PIL.ImageOps.exif_transpose``).  Malformed
-  EXIF metadata is ignored (the image is then used as stored).
+* EXIF orientation is applied: the transposition ``PIL.ImageOps.exif_transpose``
+  makes, done strip by strip.  Malformed EXIF metadata, or an orientation value
+  other than 1-8, is ignored (the image is then used as stored).
 * Pixel modes are converted to RGB as follows:
 
   - ``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``YCbCr``, ``CMYK``: Pillow's
@@ -48,7 +49,39 @@ Decoding (:func:`decode_image`)
   grey silently.
 * With ``target_size`` and a JPEG input, ``Image.draft("RGB", target_size)``
   lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying at least as
-  large as ``target_size`` (after EXIF rotation), which speeds up big photos.
+  large as ``target_size`` (after EXIF rotation), which speeds up big photos
+  (a 64-megapixel JPEG is decoded at 1000 x 1000 for a 224 px model).
+
+Memory
+------
+Decoding makes no large temporaries: Pillow decodes the photo in its own
+mode, then the part that is kept (all of it for :func:`decode_image`, the
+crop of the fit for :func:`load_image`) is converted to RGB **strip by strip**
+(:data:`STRIP_PIXELS` pixels at a time) with Pillow's own operations: alpha
+composited over white with ``Image.paste(..., mask=...)`` (the same integers
+as the formula above), EXIF rotation per strip, 16-bit values through a
+65,536-entry lookup table.  :func:`load_image` then resizes that RGB image
+with Pillow and returns only the small array; the full-size photo never
+becomes a numpy array.  Peak memory of one decode is therefore about the
+decoded image (4 bytes per pixel in Pillow for RGB, RGBA and CMYK; 1 for
+``L``/``P``; 2 for 16-bit grey) plus the converted RGB copy (4 bytes per
+kept pixel; none for a plain RGB photo that is kept whole), plus a few
+strips: ~8 bytes per pixel at most, against ~55 bytes per pixel before (a
+4-megapixel RGBA PNG: 34 MiB instead of 229 MiB; 64 megapixels: 491 MiB
+instead of 3,418 MiB, benchmarks/decode_memory.py).  A progressive JPEG also
+holds libjpeg's coefficient buffer (2 bytes per sample of the full-size
+image) even when it is drafted down.
+
+``budget`` (a :class:`worker.decode_budget.DecodeBudget`) bounds the pixels
+decoded at once by several threads: a decode reserves the header's
+``width * height`` after the limit checks and before any pixel is decoded,
+and gives it back when its result is made.
+
+``MemoryError`` is never turned into an :class:`ImageDecodeError`: only the
+exceptions Pillow raises for malformed data (:data:`DECODER_ERRORS`) are
+classified; everything else propagates to the caller (the worker then fails
+the photo's message for a retry instead of recording a permanent
+``corrupt`` item).
 
 Resizing (:func:`resize_image`) -- the two fits
 -----------------------------------------------
@@ -87,13 +120,17 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
+
+from worker.decode_budget import DecodeBudget
 
 __all__ = [
     "CORRUPT",
@@ -156,6 +193,23 @@ ERROR_CODES: Mapping[str, str] = MappingProxyType(
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
 _OPEN_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also yields MPO
 _TEXT_IMAGE_FORMATS = ("PPM", "XBM", "XPM")  # image formats that are plain text
+
+#: What Pillow raises for malformed image data: these become an ImageDecodeError (``corrupt``,
+#: ``truncated``, ...). Anything else, notably ``MemoryError``, propagates: running out of memory
+#: says nothing about the photo, so it must fail the message for a retry, never be recorded as a
+#: permanent ``corrupt`` item. tests/unit/test_images_fuzz.py damages photos of every accepted
+#: format (bit flips, overwritten header bytes, cuts, splices) and checks that nothing but these
+#: comes out of Pillow (20,000 examples once, ~450 in each test run).
+DECODER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes PIL.UnidentifiedImageError and "image file is truncated"
+    ValueError,
+    SyntaxError,  # Pillow's "not a ... file" for some plugins
+    EOFError,
+    zlib.error,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # only raised when warnings are turned into errors
+)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TRUNCATION_MESSAGES = re.compile(r"truncated", re.IGNORECASE)  # "image file is truncated", "Truncated File Read"
@@ -296,7 +350,7 @@ def _identify_unsupported(data: bytes) -> ImageDecodeError:
             fmt = img.format
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         fmt = "an unsupported format"
-    except Exception:
+    except DECODER_ERRORS:
         return ImageDecodeError(NOT_AN_IMAGE, "data is not a recognised image")
     return ImageDecodeError(
         UNSUPPORTED_FORMAT,
@@ -305,91 +359,169 @@ def _identify_unsupported(data: bytes) -> ImageDecodeError:
 
 
 # --------------------------------------------------------------------------
-# Pixel conversion
+# Pixel conversion, one strip of rows at a time
 # --------------------------------------------------------------------------
-def _composite_over_white(rgba: np.ndarray) -> np.ndarray:
-    rgb = rgba[..., :3].astype(np.uint32)
-    alpha = rgba[..., 3:4].astype(np.uint32)
-    out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-    return out.astype(np.uint8)
+#: Pixels converted per strip: the only temporaries a conversion makes are a few strips of this
+#: size (~1 MB each in Pillow), whatever the photo's size.
+STRIP_PIXELS = 1 << 18
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "La", "RGBa"})
+#: EXIF orientation -> the transpose that displays the stored image upright (as
+#: ``PIL.ImageOps.exif_transpose`` does).
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+_LUT_16_TO_8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257)
 
 
-def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(grey[..., None], 3, axis=2)
+def _is_high_depth(mode: str) -> bool:
+    return mode in ("F", "I") or mode.startswith("I;16")
 
 
-def _high_depth_to_rgb(img: Image.Image) -> np.ndarray:
-    arr = np.asarray(img)
-    if img.mode == "F":
-        values = arr.astype(np.float64)
-        finite = values[np.isfinite(values)]
-        scale = 255.0 if finite.size and float(finite.max()) <= 1.0 else 1.0
-        values = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
-        grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
-    else:  # I;16* and I: 16-bit range, round(v / 257)
-        values = np.clip(arr.astype(np.int64), 0, 65535)
-        grey = ((values + 128) // 257).astype(np.uint8)
+def _transparency_value(img: Image.Image) -> int | float | None:
     trns = img.info.get("transparency")
     if isinstance(trns, (int, float)) and not isinstance(trns, bool):
-        grey = np.where(arr == trns, np.uint8(255), grey)
-    return _grey_to_rgb(grey)
+        return trns
+    return None
 
 
-_ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "La", "RGBa"})
+def _float_scale(img: Image.Image) -> float:
+    """Mode ``F``: 255 when every finite value is <= 1 (a 0..1 image), else 1 (0..255); the
+    maximum is taken over the whole image, strip by strip."""
+    top = None
+    rows = max(1, STRIP_PIXELS // max(1, img.width))
+    for y in range(0, img.height, rows):
+        values = np.asarray(img.crop((0, y, img.width, min(img.height, y + rows))))
+        finite = values[np.isfinite(values)]
+        if finite.size:
+            peak = float(finite.max())
+            top = peak if top is None else max(top, peak)
+    return 255.0 if top is not None and top <= 1.0 else 1.0
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
+def _high_depth_strip(strip: Image.Image, scale: float, trns) -> Image.Image:
+    """``I;16*``/``I``: round(v / 257) of v clipped to 0..65535; ``F``: v * scale clipped to
+    0..255, NaN -> 0; the transparency value (if any) -> white; grey replicated to RGB."""
+    values = np.asarray(strip)
+    if strip.mode == "F":
+        scaled = np.nan_to_num(values.astype(np.float64) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+        grey = np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+    elif values.dtype.itemsize == 2 and values.dtype.kind == "u":  # I;16, I;16B, ...: already 0..65535
+        grey = _LUT_16_TO_8[values]
+    else:  # I: 32-bit, clipped to the 16-bit range
+        grey = _LUT_16_TO_8[np.clip(values, 0, 65535)]
+    if trns is not None:
+        grey[values == trns] = 255
+    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+
+
+def _over_white_strip(strip: Image.Image) -> Image.Image:
+    """Alpha composited over white with Pillow's own blend: ``round((c * a + 255 * (255 - a)) / 255)``
+    per channel (the same integers as the formula; checked for all 65,536 (c, a) pairs in the
+    tests)."""
+    rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
+    out = Image.new("RGB", rgba.size, _WHITE)
+    out.paste(rgba, mask=rgba)
+    return out
+
+
+def _strip_converter(img: Image.Image):
+    """The function that turns one strip of ``img`` (same mode) into RGB, per the rules of the
+    module docstring; raises ImageDecodeError(unsupported_format) for modes with no RGB."""
     mode = img.mode
-    if mode == "F" or mode == "I" or mode.startswith("I;16"):
-        return _high_depth_to_rgb(img)
-    has_alpha = mode in _ALPHA_MODES or (
-        img.info.get("transparency") is not None and mode in ("1", "L", "P", "RGB")
-    )
+    if _is_high_depth(mode):
+        scale = _float_scale(img) if mode == "F" else 1.0
+        trns = _transparency_value(img)
+        return lambda strip: _high_depth_strip(strip, scale, trns)
+    has_alpha = mode in _ALPHA_MODES or (img.info.get("transparency") is not None and mode in ("1", "L", "P", "RGB"))
+    if has_alpha:
+        return _over_white_strip
+    if mode == "RGB":
+        return None
     try:
-        if has_alpha:
-            return _composite_over_white(np.asarray(img.convert("RGBA")))
-        rgb = img if mode == "RGB" else img.convert("RGB")
+        img.crop((0, 0, 1, 1)).convert("RGB")  # a pixel: can this mode be converted at all?
     except ValueError as exc:
-        raise ImageDecodeError(
-            UNSUPPORTED_FORMAT, f"pixel mode {mode} cannot be converted to RGB"
-        ) from exc
-    return np.asarray(rgb, dtype=np.uint8).copy()
+        raise ImageDecodeError(UNSUPPORTED_FORMAT, f"pixel mode {mode} cannot be converted to RGB") from exc
+    return lambda strip: strip.convert("RGB")
+
+
+def _stored_box(orientation: int, box: tuple[int, int, int, int], stored: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box of the stored image that ``box`` (in the displayed, upright image) comes from."""
+    x0, y0, x1, y1 = box
+    w, h = stored
+    return {
+        1: (x0, y0, x1, y1),
+        2: (w - x1, y0, w - x0, y1),
+        3: (w - x1, h - y1, w - x0, h - y0),
+        4: (x0, h - y1, x1, h - y0),
+        5: (y0, x0, y1, x1),
+        6: (y0, h - x1, y1, h - x0),
+        7: (w - y1, h - x1, w - y0, h - x0),
+        8: (w - y1, x0, w - y0, x1),
+    }[orientation]
+
+
+def _display_size(img: Image.Image, orientation: int) -> tuple[int, int]:
+    return (img.height, img.width) if orientation in _SWAPS_AXES else img.size
+
+
+def _upright_strips(img: Image.Image, orientation: int, box: tuple[int, int, int, int]):
+    """Yield ``(row, rgb_strip)``: ``box`` of the upright (EXIF-oriented) image, converted to RGB,
+    a strip of rows at a time (``row`` counted from the top of ``box``)."""
+    convert = _strip_converter(img)
+    method = _ORIENTATIONS.get(orientation)
+    x0, y0, x1, y1 = box
+    rows = max(1, STRIP_PIXELS // max(1, x1 - x0))
+    for top in range(y0, y1, rows):
+        strip_box = (x0, top, x1, min(y1, top + rows))
+        strip = img.crop(_stored_box(orientation if method is not None else 1, strip_box, img.size))
+        if method is not None:
+            strip = strip.transpose(method)
+        yield top - y0, (strip if convert is None else convert(strip))
+
+
+def _upright_rgb_image(img: Image.Image, orientation: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """``box`` of the upright image as one RGB Pillow image, built strip by strip (a plain RGB
+    photo is cropped, or used as it is when ``box`` is all of it)."""
+    if orientation not in _ORIENTATIONS and img.mode == "RGB":
+        return img if box == (0, 0, *img.size) else img.crop(box)
+    out = Image.new("RGB", (box[2] - box[0], box[3] - box[1]))
+    for row, strip in _upright_strips(img, orientation, box):
+        out.paste(strip, (0, row))
+    return out
+
+
+def _upright_rgb_array(img: Image.Image, orientation: int) -> np.ndarray:
+    """The whole upright image as an ``H x W x 3`` uint8 array, filled strip by strip."""
+    width, height = _display_size(img, orientation)
+    out = np.empty((height, width, 3), np.uint8)
+    for row, strip in _upright_strips(img, orientation, (0, 0, width, height)):
+        out[row : row + strip.height] = np.asarray(strip)
+    return out
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1 when absent or unreadable: the image is then used as stored)."""
     try:
-        return int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:
+        value = img.getexif().get(0x0112, 1)
+    except DECODER_ERRORS:
         return 1
-
-
-def _apply_exif_orientation(img: Image.Image) -> Image.Image:
-    try:
-        transposed = ImageOps.exif_transpose(img)
-    except Exception:  # malformed EXIF: use the image as stored
-        return img
-    return img if transposed is None else transposed
+    # a malformed tag may hold text, a tuple, ...: only the eight integer values mean something
+    return value if isinstance(value, int) and value in _ORIENTATIONS else 1
 
 
 # --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
-def decode_image(
-    data: bytes,
-    *,
-    limits: DecodeLimits = _DEFAULT_LIMITS,
-    target_size: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Decode image bytes into an ``H x W x 3`` ``uint8`` RGB array.
-
-    See the module docstring for the accepted formats, the mode conversions
-    (alpha over white, 16-bit/float scaling), EXIF orientation and the error
-    codes.  ``target_size=(width, height)`` only enables JPEG draft decoding
-    (the result stays at least that large); it does not resize.
-
-    Raises :class:`ImageDecodeError` for bad input and ``RuntimeError`` when
-    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is enabled.
-    """
+def _open_checked(data, limits: DecodeLimits) -> tuple[Image.Image, str]:
+    """Validate ``data`` and open it: the limits are checked before any pixel is decoded."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -411,12 +543,11 @@ def decode_image(
 
     try:
         img = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
-    except Exception as exc:
+    except DECODER_ERRORS as exc:
         if _looks_like_text(data) and not isinstance(exc, Image.DecompressionBombError):
             raise ImageDecodeError(NOT_AN_IMAGE, "data is text, not an image") from exc
         raise _classify_decoder_failure(sniffed, data, exc) from exc
-
-    with img:
+    try:
         fmt = img.format or sniffed
         if fmt not in SUPPORTED_FORMATS:  # defensive: formats= restricts this already
             raise ImageDecodeError(UNSUPPORTED_FORMAT, f"image format {fmt} is not accepted")
@@ -433,29 +564,67 @@ def decode_image(
             structural = _png_structure_error(data)
             if structural is not None:
                 raise structural
+    except BaseException:
+        img.close()
+        raise
+    return img, fmt
 
-        if target_size is not None and fmt in ("JPEG", "MPO"):
-            tw, th = (int(target_size[0]), int(target_size[1]))
-            if _orientation(img) in (5, 6, 7, 8):  # stored image is rotated by 90 degrees
-                tw, th = th, tw
-            if tw > 0 and th > 0:
+
+@contextmanager
+def _decoded(data, limits: DecodeLimits, target_size: tuple[int, int] | None, budget: DecodeBudget | None):
+    """Open, check, reserve ``width * height`` of ``budget`` (if any), draft (JPEG), load; yields
+    ``(image, orientation)`` with the reservation held. The image is closed (its pixels freed)
+    before the reservation ends, so the budget can hand that memory back to the OS."""
+    img, fmt = _open_checked(data, limits)
+    try:
+        with budget.reserve(img.width * img.height) if budget is not None else nullcontext():
+            try:
+                if target_size is not None and fmt in ("JPEG", "MPO"):
+                    tw, th = (int(target_size[0]), int(target_size[1]))
+                    if _orientation(img) in _SWAPS_AXES:  # stored image is rotated by 90 degrees
+                        tw, th = th, tw
+                    if tw > 0 and th > 0:
+                        try:
+                            img.draft("RGB", (tw, th))
+                        except DECODER_ERRORS:
+                            pass  # draft is only an optimisation
                 try:
-                    img.draft("RGB", (tw, th))
-                except Exception:
-                    pass  # draft is only an optimisation
+                    img.load()  # Image.open leaves animations / multi-page files on frame 0
+                    orientation = _orientation(img)
+                except DECODER_ERRORS as exc:
+                    raise _classify_decoder_failure(fmt, bytes(data), exc) from exc
+                try:
+                    yield img, orientation
+                except DECODER_ERRORS as exc:  # raised while converting the decoded pixels
+                    raise _classify_decoder_failure(fmt, bytes(data), exc) from exc
+            finally:
+                img.close()
+    finally:
+        img.close()
 
-        try:
-            img.load()  # Image.open leaves animations / multi-page files on frame 0
-        except Exception as exc:
-            raise _classify_decoder_failure(fmt, data, exc) from exc
 
-        try:
-            oriented = _apply_exif_orientation(img)
-            return _to_rgb_array(oriented)
-        except ImageDecodeError:
-            raise
-        except Exception as exc:
-            raise _classify_decoder_failure(fmt, data, exc) from exc
+def decode_image(
+    data: bytes,
+    *,
+    limits: DecodeLimits = _DEFAULT_LIMITS,
+    target_size: tuple[int, int] | None = None,
+    budget: DecodeBudget | None = None,
+) -> np.ndarray:
+    """Decode image bytes into an ``H x W x 3`` ``uint8`` RGB array.
+
+    See the module docstring for the accepted formats, the mode conversions
+    (alpha over white, 16-bit/float scaling), EXIF orientation and the error
+    codes.  ``target_size=(width, height)`` only enables JPEG draft decoding
+    (the result stays at least that large); it does not resize.  ``budget``:
+    hold ``width * height`` of this :class:`~worker.decode_budget.DecodeBudget`
+    while decoding.
+
+    Raises :class:`ImageDecodeError` for bad input and ``RuntimeError`` when
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is enabled.  ``MemoryError`` is
+    never turned into an ImageDecodeError: it propagates.
+    """
+    with _decoded(data, limits, target_size, budget) as (img, orientation):
+        return _upright_rgb_array(img, orientation)
 
 
 def check_fit(fit: str) -> str:
@@ -500,12 +669,28 @@ def load_image(
     size: tuple[int, int] = MODEL_INPUT_SIZE,
     fit: str = DEFAULT_FIT,
     limits: DecodeLimits = _DEFAULT_LIMITS,
+    budget: DecodeBudget | None = None,
 ) -> np.ndarray:
     """Decode and resize with ``fit``: ``size[1] x size[0] x 3`` uint8.
 
-    The function both the trainer and the worker call.
+    The function both the trainer and the worker call.  The same pixels as
+    ``resize_image(decode_image(data, target_size=size), size, fit)``, without
+    a full-size array: only the part ``fit`` keeps is converted to RGB (strip
+    by strip, in Pillow), then resized.  ``budget``: as for :func:`decode_image`.
     """
-    return resize_image(decode_image(data, limits=limits, target_size=size), size, fit)
+    width, height = int(size[0]), int(size[1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"size must be positive (width, height), got {size!r}")
+    check_fit(fit)
+    with _decoded(data, limits, (width, height), budget) as (img, orientation):
+        upright = _display_size(img, orientation)
+        box = crop_box(*upright, (width, height)) if fit == "crop" else (0, 0, *upright)
+        rgb = _upright_rgb_image(img, orientation, box)
+        if rgb is not img:
+            img.close()  # the source pixels are no longer needed: free them before resizing
+        with rgb:
+            resized = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        return np.array(resized, dtype=np.uint8)
 
 
 def read_image_file(path: str | os.PathLike, **kw) -> np.ndarray:

@@ -2,23 +2,50 @@
 in one pipeline pass (micro-batches cross message boundaries, so one-photo S3 event messages
 still infer in full batches), then write one manifest per job.
 
-Two steps, :func:`classify_messages` then :func:`write_manifests` (the poller writes one batch's
-manifests while it classifies the next); :func:`process_messages` runs both.
-Shared by the poller and the Lambda handler. A message counts as done only once its manifest
-is written; a message that failed is reported with its reason and left for the queue to
-redeliver (and, after maxReceiveCount, to move to the DLQ).
+Results travel with their message: every photo of every job is a
+:class:`~worker.pipeline.PhotoRequest` naming its message and its position there, and every
+answer carries its request; a photo named by several messages of the batch is read and
+inferred once and answered in each. A message is given its items only when it has exactly one
+answer for each of its photos, none of them a failure; otherwise it fails (and is retried).
+
+Two steps, :func:`classify_messages` (the shared classification, for the whole batch) then a
+per-message step, :func:`write_manifest` (one message's manifest; :func:`write_manifests` runs
+it for every message, concurrently). The poller writes one batch's manifests while it
+classifies the next; :func:`process_messages` runs both. Shared by the poller and the Lambda
+handler. A message counts as done only once its manifest is written; a message that failed is
+reported with its reason and left for the queue to redeliver (and, after maxReceiveCount, to
+move to the DLQ).
+
+What fails what: a malformed message, a prefix listing that fails, a manifest PUT that fails
+fail only their own message; a photo's transient fault or ``MemoryError``, or an inference that
+fails for that photo alone, fails only the messages naming that photo (see
+:mod:`worker.pipeline`); an exception that escapes the shared classification anyway is retried
+message by message, and fails only the messages whose own classification raises.
+
+Prefix jobs: the listing is checked against ``OutputSettings.page_keys``; a listing of at most
+one page is classified in its own message, a longer one is split into continuation pages sent
+back to the queue (:mod:`worker.continuations`) before its manifest (no items, the pages in
+``continuations``) is written. A listing over ``max_prefix_keys`` is not retried: its manifest
+carries the job error ``too_many_objects`` and the message is done.
+
+Time limits: with a :class:`~worker.deadline.Deadline` (the Lambda handler), no new listing, page
+send, photo read or micro-batch starts once it is reached; the messages not fully answered by
+then fail with a ``deadline: ...`` reason (retried), the others get their manifests as usual.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker import manifests
-from worker.messages import Job, MessageError, expand_prefix_job, parse_message
+from worker.continuations import DEFAULT_PAGE_KEYS, ContinuationSender, Page, split_pages
+from worker.deadline import Deadline, DeadlineReached, check
+from worker.messages import SOURCE_S3_EVENT, Job, MessageError, expand_prefix_job, parse_message
 from worker.observability import logger as log
-from worker.pipeline import Pipeline, TransientError
+from worker.pipeline import Answer, PhotoRequest, Pipeline
 
 MANIFEST_WRITERS = 8  # concurrent manifest PUTs per batch of messages
 
@@ -28,7 +55,8 @@ class OutputSettings:
     bucket: str | None = None  # None: the bucket the photos came from
     prefix: str = "manifests"
     jsonl: bool = False
-    max_prefix_keys: int = 100_000
+    max_prefix_keys: int = 100_000  # a longer listing is not classified: job error too_many_objects
+    page_keys: int = DEFAULT_PAGE_KEYS  # a longer listing is split into continuation pages of this size
 
 
 @dataclass(frozen=True)
@@ -53,6 +81,7 @@ class BatchOutcome:
     outcomes: list[MessageOutcome]
     images: int
     seconds: float
+    undeleted: list[str] = field(default_factory=list)  # succeeded, but the queue would not delete them
 
     @property
     def failed_ids(self) -> list[str]:
@@ -68,90 +97,194 @@ class ClassifiedBatch:
     """A batch of messages after classification, before its manifests are written."""
     messages: list[QueuedMessage]
     jobs: dict[str, Job]  # message id -> job (messages that parsed into one)
-    items_of: dict[str, list]  # message id -> its photos' results
+    items_of: dict[str, list]  # message id -> its photos' items, in the order of its photos
     outcomes: dict[str, MessageOutcome]  # messages already settled (ignored, malformed, failed)
-    images: int
+    images: int  # distinct photos the batch named (each read once)
     started: float  # perf_counter at the start of classification
+    pages: dict[str, list[Page]] = field(default_factory=dict)  # message id -> continuation pages sent
+    errors: dict[str, manifests.JobError] = field(default_factory=dict)  # message id -> why a job has no items
 
 
-def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> ClassifiedBatch:
-    """Parse the messages and classify the photos of every job in one pipeline pass."""
-    started = time.perf_counter()
+def requests_of(message_id: str, job: Job) -> list[PhotoRequest]:
+    """The photos ``job`` asks for, each naming its message and position; an S3 event names
+    exact objects (its ETag / version), a job or prefix job names keys."""
+    exact = job.source == SOURCE_S3_EVENT
+    return [PhotoRequest(message_id, position, ref, exact) for position, ref in enumerate(job.refs)]
+
+
+def parse_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
+                   deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
+                   ) -> tuple[dict[str, Job], dict[str, MessageOutcome], dict[str, list[Page]],
+                              dict[str, manifests.JobError]]:
+    """Jobs of the messages that parse into one (prefix jobs listed, and split into continuation
+    pages that are sent when the listing is longer than a page), outcomes of the others, the
+    pages sent, and the jobs that have no items for a reason of their own (too_many_objects)."""
     outcomes: dict[str, MessageOutcome] = {}
     jobs: dict[str, Job] = {}
+    pages_of: dict[str, list[Page]] = {}
+    errors: dict[str, manifests.JobError] = {}
     for message in messages:
+        message_id, job = message.message_id, None
         try:
             job = parse_message(message.body)
             if job is None:  # s3:TestEvent: nothing to do, delete it
-                outcomes[message.message_id] = MessageOutcome(message.message_id, True, reason="ignored: s3:TestEvent")
+                outcomes[message_id] = MessageOutcome(message_id, True, reason="ignored: s3:TestEvent")
                 continue
             if job.prefix is not None:
-                job = expand_prefix_job(job, pipeline.s3, max_keys=output.max_prefix_keys)
-            jobs[message.message_id] = job
+                job, pages, error = _expand(message_id, job, pipeline, output, deadline, continuations)
+                if pages:
+                    pages_of[message_id] = pages
+                if error is not None:
+                    errors[message_id] = error
+            jobs[message_id] = job
         except MessageError as error:
-            log.warning("bad message", extra={"message_id": message.message_id, "code": error.code,
-                                              "reason": error.message})
-            outcomes[message.message_id] = MessageOutcome(message.message_id, False, reason=f"{error.code}: {error.message}")
-        except Exception as error:  # noqa: BLE001 - listing failed: retry the message later
-            log.warning("job expansion failed", extra={"message_id": message.message_id, "reason": str(error)})
-            outcomes[message.message_id] = MessageOutcome(message.message_id, False, reason=f"expand: {error}")
+            log.warning("bad message", extra={"message_id": message_id, "code": error.code, "reason": error.message})
+            outcomes[message_id] = MessageOutcome(message_id, False, reason=f"{error.code}: {error.message}")
+        except DeadlineReached as stop:
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id if job else None, reason=str(stop))
+        except Exception as error:  # noqa: BLE001 - listing or sending pages failed: retry the message later
+            log.warning("job expansion failed", extra={"message_id": message_id, "reason": str(error)})
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id if job else None,
+                                                  reason=f"expand: {type(error).__name__}: {error}")
+    return jobs, outcomes, pages_of, errors
 
-    refs = [ref for job in jobs.values() for ref in job.refs]
+
+def _expand(message_id: str, job: Job, pipeline: Pipeline, output: OutputSettings, deadline: Deadline | None,
+            continuations: ContinuationSender | None) -> tuple[Job, list[Page], manifests.JobError | None]:
+    """List a prefix job: its photos (one page or less), or its pages, sent (no photos of its
+    own), or a job error (too many photos: retrying cannot change that, the job is done)."""
+    check(deadline, "a prefix listing")
     try:
-        results = pipeline.classify(refs)
-    except TransientError as error:
-        # Retry them one message at a time so that one bad bucket does not fail the others.
-        results = None
-        log.warning("transient fault in a shared batch, retrying per message", extra={"reason": str(error)})
-    items_of: dict[str, list] = {}
-    cursor = 0
-    for message_id, job in jobs.items():
-        if results is not None:
-            items_of[message_id] = results[cursor:cursor + len(job.refs)]
-            cursor += len(job.refs)
-        else:
+        listed = expand_prefix_job(job, pipeline.s3, max_keys=output.max_prefix_keys, deadline=deadline)
+    except MessageError as error:
+        if error.code != MessageError.TOO_MANY_OBJECTS:
+            raise
+        log.warning("prefix job too large", extra={"message_id": message_id, "job_id": job.job_id,
+                                                   "reason": error.message})
+        return job, [], manifests.JobError(error.code, f"{error.message}: split it into prefix jobs of at most "
+                                                       f"{output.max_prefix_keys} photos")
+    if len(listed.refs) <= output.page_keys:
+        return listed, [], None
+    pages = split_pages(listed, output.page_keys)
+    if continuations is None:
+        raise RuntimeError(f"{len(listed.refs)} photos need continuation pages and no queue was given to send them")
+    continuations.send(message_id, pages, deadline)
+    log.info("prefix job split into continuation pages", extra={"message_id": message_id, "job_id": job.job_id,
+                                                                "photos": len(listed.refs), "pages": len(pages)})
+    return dataclasses.replace(listed, refs=()), pages, None
+
+
+def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
+                      deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
+                      ) -> ClassifiedBatch:
+    """Parse the messages and classify the photos of every job in one pipeline pass; with a
+    ``deadline``, stop taking new work when it is reached (the unfinished messages fail)."""
+    started = time.perf_counter()
+    jobs, outcomes, pages, errors = parse_messages(messages, pipeline, output, deadline, continuations)
+    requests = {message_id: requests_of(message_id, job) for message_id, job in jobs.items()}
+    answers: list[Answer] = []
+    try:
+        answers = pipeline.answer([r for mine in requests.values() for r in mine], deadline=deadline)
+    except Exception:  # noqa: BLE001 - escaped the per-photo isolation: retry message by message
+        log.exception("the shared classification of a batch failed: retrying message by message")
+        answers = []
+        for message_id, mine in requests.items():
             try:
-                items_of[message_id] = pipeline.classify(list(job.refs))
-            except TransientError as error:
-                outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"transient: {error}")
-            except Exception as error:  # noqa: BLE001 - retry the message later
+                answers += pipeline.answer(mine, deadline=deadline)
+            except Exception as error:  # noqa: BLE001 - fails this message only (retried later)
                 log.exception("classification failed", extra={"message_id": message_id})
-                outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=f"classify: {error}")
-    return ClassifiedBatch(list(messages), jobs, items_of, outcomes, len(refs), started)
+                outcomes[message_id] = MessageOutcome(message_id, False, jobs[message_id].job_id,
+                                                      reason=f"classify: {type(error).__name__}: {error}")
+    answers_of: dict[str, list[Answer]] = {message_id: [] for message_id in jobs}
+    for answer in answers:
+        answers_of[answer.request.message_id].append(answer)
+    items_of: dict[str, list] = {}
+    for message_id, job in jobs.items():
+        if message_id in outcomes:
+            continue
+        items, reason = _items(requests[message_id], answers_of[message_id])
+        if reason is None:
+            items_of[message_id] = items
+        else:
+            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=reason)
+    photos = len({_photo_key(r.ref) for mine in requests.values() for r in mine})
+    return ClassifiedBatch(list(messages), jobs, items_of, outcomes, photos, started, pages, errors)
+
+
+def _items(requests: list[PhotoRequest], answers: list[Answer]) -> tuple[list, str | None]:
+    """A message's items in the order of its photos, or why it fails: one of its photos must be
+    retried, or (a bug, never written) its answers are not exactly one per photo."""
+    failures = [a.failure for a in answers if a.failure is not None]
+    if failures:
+        return [], f"{failures[0]}" + (f" (and {len(failures) - 1} more photos)" if len(failures) > 1 else "")
+    by_position = {a.request.position: a for a in answers}
+    if len(by_position) != len(answers) or sorted(by_position) != list(range(len(requests))) or any(
+            by_position[r.position].request != r for r in requests):
+        log.error("answers do not match the photos of a message", extra={"photos": len(requests),
+                                                                         "answers": len(answers)})
+        return [], f"internal: {len(answers)} answers for {len(requests)} photos"
+    return [by_position[r.position].item for r in requests], None
+
+
+def _photo_key(ref) -> tuple:
+    return (ref.bucket, ref.key, ref.version_id or None)
+
+
+def write_manifest(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, output: OutputSettings
+                   ) -> MessageOutcome:
+    """The per-message step: the outcome of one message of a classified batch, its manifest
+    written when it has one (the record handler of a batch processor)."""
+    if message_id in batch.outcomes:
+        return batch.outcomes[message_id]
+    job = batch.jobs[message_id]
+    try:
+        return _write(batch, message_id, pipeline, output)
+    except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
+        log.exception("manifest write failed", extra={"message_id": message_id})
+        return MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
 
 
 def write_manifests(batch: ClassifiedBatch, pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
     """One manifest per classified job, written concurrently; the outcome of every message."""
-    outcomes = dict(batch.outcomes)
-
-    def write(message_id: str) -> MessageOutcome:
-        job = batch.jobs[message_id]
-        try:
-            return _write(job, batch.items_of[message_id], message_id, pipeline, output)
-        except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
-            log.exception("manifest write failed", extra={"message_id": message_id})
-            return MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
-
+    ids = [m.message_id for m in batch.messages]
     # One PUT per message: written concurrently, so ten small jobs cost one round trip, not ten.
-    with ThreadPoolExecutor(max(1, min(MANIFEST_WRITERS, len(batch.items_of))), thread_name_prefix="manifest") as writers:
-        for message_id, outcome in zip(batch.items_of, writers.map(write, batch.items_of)):
-            outcomes[message_id] = outcome
-    ordered = [outcomes[m.message_id] for m in batch.messages]
-    return BatchOutcome(ordered, batch.images, time.perf_counter() - batch.started)
+    writing = max(1, min(MANIFEST_WRITERS, len(batch.items_of)))
+    with ThreadPoolExecutor(writing, thread_name_prefix="manifest") as writers:
+        outcomes = list(writers.map(lambda message_id: write_manifest(batch, message_id, pipeline, output), ids))
+    return BatchOutcome(outcomes, batch.images, time.perf_counter() - batch.started)
 
 
-def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
+def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
+                     deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
+                     ) -> BatchOutcome:
     """Classify the messages' photos, then write their manifests."""
-    return write_manifests(classify_messages(messages, pipeline, output), pipeline, output)
+    return write_manifests(classify_messages(messages, pipeline, output, deadline, continuations), pipeline, output)
 
 
-def _write(job: Job, items, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
+def _manifest_uri(job: Job, job_id: str, output: OutputSettings) -> tuple[str, str] | None:
+    """(bucket, key) of a job's manifest; None for an event that named no photo."""
     bucket = output.bucket or job.bucket or (job.refs[0].bucket if job.refs else None)
     if bucket is None:
-        return MessageOutcome(message_id, True, job.job_id, reason="no photos in this event")
+        return None
     prefix = job.output_prefix if job.output_prefix is not None else output.prefix
-    key = manifests.manifest_key(prefix, job.job_id, jsonl=output.jsonl)
-    document = manifests.build_manifest(job.job_id, job.source, pipeline.classifier.model_info, items)
+    return bucket, manifests.manifest_key(prefix, job_id, jsonl=output.jsonl)
+
+
+def _continuation(job: Job, page: Page, output: OutputSettings) -> manifests.Continuation:
+    bucket, key = _manifest_uri(job, page.job_id, output)
+    return manifests.Continuation(page.job_id, f"s3://{bucket}/{key}", len(page.keys), page.keys[0], page.keys[-1])
+
+
+def _write(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
+    job, items = batch.jobs[message_id], batch.items_of[message_id]
+    where = _manifest_uri(job, job.job_id, output)
+    if where is None:
+        return MessageOutcome(message_id, True, job.job_id, reason="no photos in this event")
+    bucket, key = where
+    document = manifests.build_manifest(
+        job.job_id, job.source, pipeline.classifier.model_info, items,
+        continuations=[_continuation(job, page, output) for page in batch.pages.get(message_id, ())],
+        error=batch.errors.get(message_id))
     manifests.write_manifest(pipeline.s3, bucket, key, document, jsonl=output.jsonl)
     return MessageOutcome(message_id, True, job.job_id, f"s3://{bucket}/{key}", counts=dict(document.counts),
                           timings_ms=_stage_totals(items))

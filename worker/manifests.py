@@ -22,6 +22,15 @@ UTF-8 (``ensure_ascii=False``), items sorted by ``(bucket, key, version_id,
 etag)``, scores rounded to 6 decimals and timings to 3, ``-0.0`` written as
 ``0.0``. Non-finite floats are rejected (``ValueError``) rather than written as
 invalid JSON. ``top_k`` keeps the order given by the model (best first).
+
+Schema versions
+---------------
+``2`` (written now) adds two job-level fields to ``1``: ``continuations`` (the pages a prefix
+job too long for one message was split into, see :mod:`worker.continuations`; ``[]`` otherwise)
+and ``error`` (a job that can produce no items at all, e.g. ``too_many_objects``; ``null``
+otherwise). A version-1 reader would take a split prefix job's empty ``items`` for an empty
+prefix, hence the new number. :func:`read_manifest` reads both versions (a version-1 document
+has no pages and no error).
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from worker.messages import is_safe_job_id
 __all__ = [
     "CONTENT_TYPE_JSON",
     "CONTENT_TYPE_JSONL",
+    "Continuation",
     "ItemResult",
+    "JobError",
     "MANIFEST_SCHEMA_VERSION",
     "Manifest",
     "TopK",
@@ -46,7 +57,8 @@ __all__ = [
     "write_manifest",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_JSONL = "application/x-ndjson"
 
@@ -184,6 +196,37 @@ class ItemResult:
         )
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """A page a prefix job was split into: its job id, where its manifest goes, how many photos
+    it holds and the first and last of its keys (the pages run through the sorted listing)."""
+
+    job_id: str
+    manifest: str  # s3://bucket/key
+    photos: int
+    first_key: str
+    last_key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "manifest": self.manifest, "photos": self.photos,
+                "first_key": self.first_key, "last_key": self.last_key}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Continuation":
+        return cls(d["job_id"], d["manifest"], d["photos"], d["first_key"], d["last_key"])
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job has no items at all (a machine-readable code and a message)."""
+
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
 @dataclass
 class Manifest:
     """The document written for one job.
@@ -199,6 +242,8 @@ class Manifest:
     items: list[ItemResult]
     counts: dict[str, int]
     include_timings: bool = False
+    continuations: list[Continuation] = field(default_factory=list)
+    error: JobError | None = None
 
     def sorted_items(self) -> list[ItemResult]:
         return sorted(self.items, key=ItemResult.sort_key)
@@ -212,6 +257,8 @@ class Manifest:
             "model": self.model,
             "counts": self.counts,
             "items": [it.to_dict(include_timings=timings) for it in self.sorted_items()],
+            "continuations": [c.to_dict() for c in self.continuations],
+            "error": None if self.error is None else self.error.to_dict(),
         }
 
     def to_json(self, *, include_timings: bool | None = None) -> str:
@@ -219,20 +266,24 @@ class Manifest:
         return _dumps(self.to_dict(include_timings=include_timings))
 
     def to_jsonl(self, *, include_timings: bool | None = None) -> str:
-        """JSON Lines: one item per line (each line also carries ``job_id``),
-        newline-terminated; an empty manifest gives ``""``."""
+        """JSON Lines: one item per line (each line also carries ``job_id``), then one line per
+        continuation page (``{"job_id", "continuation": {...}}``) and the job's error, if any
+        (``{"job_id", "error": {...}}``); newline-terminated; an empty manifest gives ``""``."""
         timings = self.include_timings if include_timings is None else include_timings
         lines = []
         for it in self.sorted_items():
             d = it.to_dict(include_timings=timings)
             d["job_id"] = self.job_id
             lines.append(_dumps(d) + "\n")
+        lines += [_dumps({"job_id": self.job_id, "continuation": c.to_dict()}) + "\n" for c in self.continuations]
+        if self.error is not None:
+            lines.append(_dumps({"job_id": self.job_id, "error": self.error.to_dict()}) + "\n")
         return "".join(lines)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
         version = d.get("schema_version")
-        if version != MANIFEST_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS or isinstance(version, bool):
             raise ValueError(f"unsupported manifest schema_version {version!r}")
         items = [ItemResult.from_dict(it) for it in d.get("items") or []]
         return cls(
@@ -243,6 +294,8 @@ class Manifest:
             items=items,
             counts=dict(d.get("counts") or {}),
             include_timings=any("timings_ms" in it for it in d.get("items") or []),
+            continuations=[Continuation.from_dict(c) for c in d.get("continuations") or []],
+            error=JobError(**d["error"]) if d.get("error") else None,
         )
 
     @classmethod
@@ -275,8 +328,11 @@ def build_manifest(
     items: Iterable[ItemResult],
     *,
     include_timings: bool = False,
+    continuations: Iterable[Continuation] = (),
+    error: JobError | None = None,
 ) -> Manifest:
-    """Assemble a manifest: items sorted by (bucket, key), counts computed.
+    """Assemble a manifest: items sorted by (bucket, key), counts computed; ``continuations``
+    (the pages of a split prefix job) in page order.
 
     ``include_timings`` defaults to ``False`` so that the written document has
     no wall-clock values (see the module docstring).
@@ -295,6 +351,8 @@ def build_manifest(
         items=sorted_items,
         counts=counts,
         include_timings=include_timings,
+        continuations=list(continuations),
+        error=error,
     )
 
 

@@ -43,6 +43,7 @@ from typing import Any, Iterable
 from urllib.parse import unquote_plus
 
 from worker import images
+from worker.deadline import Deadline, check
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -382,6 +383,7 @@ def expand_prefix_job(
     suffixes: Iterable[str] | None = IMAGE_SUFFIXES,
     max_keys: int | None = None,
     page_size: int | None = None,
+    deadline: Deadline | None = None,
 ) -> Job:
     """List ``s3://job.bucket/job.prefix`` and return the job with its refs filled.
 
@@ -390,8 +392,9 @@ def expand_prefix_job(
     in one of ``suffixes`` (case-insensitive; ``None`` keeps every key). Refs are
     sorted by key and carry the (unquoted) ETag and size. More than ``max_keys``
     matching objects raises ``MessageError("too_many_objects")`` rather than
-    silently processing part of the prefix. S3 errors (``ClientError``)
-    propagate unchanged.
+    silently processing part of the prefix (the listing stops there). S3
+    errors (``ClientError``) propagate unchanged. ``deadline`` is checked
+    before each LIST request (``DeadlineReached``).
     """
     if job.source != SOURCE_PREFIX_JOB or job.bucket is None or job.prefix is None:
         raise ValueError(f"not a prefix job: {job!r}")
@@ -403,10 +406,14 @@ def expand_prefix_job(
     if page_size is not None:
         pagination["PageSize"] = page_size
     paginator = s3.get_paginator("list_objects_v2")
-    pages = paginator.paginate(Bucket=job.bucket, Prefix=job.prefix, PaginationConfig=pagination)
+    pages = iter(paginator.paginate(Bucket=job.bucket, Prefix=job.prefix, PaginationConfig=pagination))
 
     refs: list[ImageRef] = []
-    for page in pages:
+    while True:
+        check(deadline, "a prefix listing request")
+        page = next(pages, None)
+        if page is None:
+            break
         for obj in page.get("Contents", ()) or ():
             key = obj["Key"]
             if key.endswith("/") or not _has_suffix(key, wanted):

@@ -17,11 +17,21 @@ ENV = {
     "DOGBREEDS_BATCH_SIZE": "photos per inference micro-batch (default: 16)",
     "DOGBREEDS_DOWNLOAD_THREADS": "concurrent S3 downloads (default: 8)",
     "DOGBREEDS_TOP_K": "breeds kept per photo (default: 5)",
+    "DOGBREEDS_DECODE_BUDGET_PIXELS": "pixels decoded at once by all download threads together (default: 64000000, "
+                                      "the decode limit: one photo of the largest accepted size; a photo over the "
+                                      "budget waits and is then decoded alone)",
     "DOGBREEDS_JSONL": "1 to write JSON Lines manifests (.jsonl) instead of JSON",
     "DOGBREEDS_RUNTIME": "model variant: auto (default: the fastest one the artifact carries whose recorded "
                          "agreement with fp32 passed, else tf), tf, openvino, or a runtimes key such as openvino-int8",
+    "DOGBREEDS_LAMBDA_SAFETY_MS": "Lambda only: stop taking new work this many ms before the invocation's end; "
+                                  "unfinished messages are retried (default: 10000)",
+    "DOGBREEDS_PREFIX_PAGE_KEYS": "a prefix job listing more photos than this is split into continuation job "
+                                  "messages of this many keys, sent back to its queue (default: 100)",
+    "DOGBREEDS_MAX_PREFIX_KEYS": "a prefix job listing more photos than this gets the job error too_many_objects "
+                                 "(default: 100000)",
     "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
+    "DOGBREEDS_LOG_FORMAT": "auto (default: text on a terminal, JSON otherwise), json or text",
 }
 
 #: boto3 retries with exponential backoff and jitter (throttling, 5xx, connection errors).
@@ -39,6 +49,10 @@ class WorkerEnvironment:
     top_k: int
     jsonl: bool
     runtime: str = "auto"
+    decode_budget_pixels: int | None = None
+    lambda_safety_ms: int = 10_000  # worker.deadline.DEFAULT_SAFETY_MS
+    prefix_page_keys: int = 100  # worker.continuations.DEFAULT_PAGE_KEYS
+    max_prefix_keys: int = 100_000
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -52,6 +66,11 @@ class WorkerEnvironment:
             top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
             jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
             runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
+            decode_budget_pixels=int(env["DOGBREEDS_DECODE_BUDGET_PIXELS"]) if env.get("DOGBREEDS_DECODE_BUDGET_PIXELS")
+            else None,
+            lambda_safety_ms=int(env.get("DOGBREEDS_LAMBDA_SAFETY_MS") or 10_000),
+            prefix_page_keys=int(env.get("DOGBREEDS_PREFIX_PAGE_KEYS") or 100),
+            max_prefix_keys=int(env.get("DOGBREEDS_MAX_PREFIX_KEYS") or 100_000),
         )
 
 

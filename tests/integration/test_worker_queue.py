@@ -169,3 +169,53 @@ def test_the_worker_command_drains_the_queue_and_stops_on_sigterm(stack, colour_
     assert process.returncode == 0, err[-2000:]
     assert set(expected) <= done
     assert '"summary"' in err and "stop requested" in out + err
+
+
+def test_a_long_prefix_job_is_split_into_pages_sent_back_to_its_queue_by_the_lambda_and_the_poller(
+        stack, colour_artifact, monkeypatch):
+    """Two prefix jobs of 10 photos with pages of 4: one through the Lambda handler (its record
+    names the queue by ARN), one through `dogbreeds-worker run`; the pages go back to the queue,
+    the worker classifies them, and each prefix job's manifest names its 3 pages, whose manifests
+    together list exactly its photos, each with its breed."""
+    from worker import handler
+
+    s3, sqs = stack["s3"], stack["sqs"]
+    colours = list(COLOUR_BREEDS.items())
+    expected = {}
+    for shoot in ("lambda", "poller"):
+        for i in range(10):
+            folder, rgb = colours[i % 3]
+            key = f"shoots/{shoot}/{i:02d} {folder.split('-', 1)[1]}+é.jpg"
+            s3.put_object(Bucket=BUCKET, Key=key, Body=colour_photo(rgb, seed=400 + i))
+            expected[key] = folder.split("-", 1)[1]
+    arn = sqs.get_queue_attributes(QueueUrl=stack["queue"], AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    body = json.dumps({"job_id": "shoot-lambda", "bucket": BUCKET, "prefix": "shoots/lambda/"})
+    event = {"Records": [{"messageId": "m-1", "receiptHandle": "r-1", "body": body, "attributes": {},
+                          "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs", "eventSourceARN": arn,
+                          "awsRegion": "us-east-1"}]}
+    monkeypatch.setenv("DOGBREEDS_MODEL", str(colour_artifact))
+    monkeypatch.setenv("DOGBREEDS_PREFIX_PAGE_KEYS", "4")
+    monkeypatch.setattr(handler, "_pipeline", None)
+    monkeypatch.setattr(handler, "_sqs", None)
+    assert handler.lambda_handler(event, LambdaContext())["batchItemFailures"] == []
+    sqs.send_message(QueueUrl=stack["queue"], MessageBody=json.dumps({"job_id": "shoot-poller", "bucket": BUCKET,
+                                                                      "prefix": "shoots/poller/"}))
+    env = {**os.environ, "DOGBREEDS_MODEL": str(colour_artifact), "DOGBREEDS_QUEUE_URL": stack["queue"]}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--wait-seconds", "1", "--until-empty",
+                           "--prefix-page-keys", "4", "--retry-delay", "0"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    docs = manifests_in(s3)
+    for shoot in ("lambda", "poller"):
+        parent = docs.pop(f"manifests/shoot-{shoot}.json")
+        assert parent["schema_version"] == 2 and parent["items"] == [] and parent["error"] is None
+        assert [c["photos"] for c in parent["continuations"]] == [4, 4, 2]
+        found = []
+        for page in parent["continuations"]:
+            doc = docs.pop(page["manifest"].split("/", 3)[3])
+            assert doc["job_id"] == page["job_id"] and doc["source"] == "job"
+            found += [(item["key"], item["status"], item["breed"]) for item in doc["items"]]
+        assert found == [(k, "ok", b) for k, b in sorted(expected.items()) if k.startswith(f"shoots/{shoot}/")]
+    assert not docs or all(doc["source"] == "s3-event" for doc in docs.values())  # only the TestEvent's, if any
+    attrs = sqs.get_queue_attributes(QueueUrl=stack["queue"], AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"

@@ -1,7 +1,7 @@
 """Least privilege of infra/template.yaml, read statically after the SAM translation: the worker's
 role may read photos (incoming/*) and models (models/*), write manifests (manifests/*), list only
-under incoming/, and consume only its own queue; the queue accepts messages from its bucket
-only. Each policy is also evaluated with moto's IAM policy evaluator (which matches actions and
+under incoming/, and consume only its own queue (and send to it: continuation pages); the queue
+accepts messages from its bucket only. Each policy is also evaluated with moto's IAM policy evaluator (which matches actions and
 resources, and ignores StringLike conditions: the s3:prefix condition is checked by hand)."""
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def test_sqs_and_logs_access_is_its_own_queue_and_log_group(template, parameters
             service, name = action.split(":")
             by_service.setdefault(service, {}).setdefault(name, set()).update(as_list(statement["Resource"]))
     assert set(by_service) == {"s3", "sqs", "logs"}
-    assert by_service["sqs"] == {a: {QUEUE_ARN} for a in ("ReceiveMessage", "DeleteMessage", "GetQueueAttributes")}
+    assert by_service["sqs"] == {a: {QUEUE_ARN} for a in ("ReceiveMessage", "DeleteMessage", "GetQueueAttributes",
+                                                          "SendMessage")}
     assert by_service["logs"] == {a: {LOG_GROUP_ARN} for a in ("CreateLogStream", "PutLogEvents")}
 
 
@@ -153,7 +154,9 @@ def test_moto_policy_evaluation_agrees(template, parameters):
         ("s3:DeleteObject", manifests + "0f3a.json", False),
         ("s3:PutBucketPolicy", bucket, False),
         ("s3:PutBucketNotification", bucket, False),
-        ("sqs:SendMessage", QUEUE_ARN, False),
+        ("sqs:SendMessage", QUEUE_ARN, True),  # continuation pages of a long prefix job
+        ("sqs:SendMessage", DLQ_ARN, False),
+        ("sqs:SendMessage", f"arn:aws:sqs:{REGION}:{ACCOUNT}:another-queue", False),
         ("sqs:ReceiveMessage", DLQ_ARN, False),
         ("sqs:PurgeQueue", QUEUE_ARN, False),
         ("sqs:ReceiveMessage", f"arn:aws:sqs:{REGION}:{ACCOUNT}:another-queue", False),

@@ -8,7 +8,9 @@ import pytest
 
 from worker.manifests import (
     MANIFEST_SCHEMA_VERSION,
+    Continuation,
     ItemResult,
+    JobError,
     Manifest,
     TopK,
     build_manifest,
@@ -58,7 +60,7 @@ def test_manifest_key_is_deterministic():
 
 def test_build_manifest_sorts_items_and_counts():
     m = build_manifest("job-1", "job", MODEL, items())
-    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 1
+    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 2
     assert [(it.bucket, it.key) for it in m.items] == [
         ("another-bucket", "z.jpg"), ("dog-photos", "a/1.jpg"), ("dog-photos", "a/broken.jpg"), ("dog-photos", "b/2.jpg"),
     ]
@@ -81,7 +83,7 @@ def test_to_json_is_deterministic_regardless_of_item_order():
     # also when a Manifest is constructed directly with unsorted items
     unsorted = [items()[i] for i in (1, 3, 0, 2)]
     assert [(i.bucket, i.key) for i in unsorted] != sorted((i.bucket, i.key) for i in unsorted)
-    direct = Manifest(1, "job-1", "s3-event", MODEL, unsorted, {"ok": 3, "error": 1})
+    direct = Manifest(MANIFEST_SCHEMA_VERSION, "job-1", "s3-event", MODEL, unsorted, {"ok": 3, "error": 1})
     assert direct.to_json() == a.to_json()
     # canonical form: sorted keys, compact separators
     text = a.to_json()
@@ -118,7 +120,8 @@ def test_timings_included_on_request():
 
 def test_to_json_has_no_wall_clock_fields():
     doc = json.loads(build_manifest("job-1", "job", MODEL, items()).to_json())
-    assert set(doc) == {"schema_version", "job_id", "source", "model", "counts", "items"}
+    assert set(doc) == {"schema_version", "job_id", "source", "model", "counts", "items", "continuations", "error"}
+    assert doc["continuations"] == [] and doc["error"] is None
     assert set(doc["items"][0]) == {"bucket", "key", "etag", "version_id", "status", "error_code", "error_message",
                                    "breed", "synset", "score", "top_k"}
 
@@ -214,3 +217,40 @@ def test_read_manifest_rejects_unknown_schema_version(s3):
     s3.put_object(Bucket=BUCKET, Key="m/job-1.json", Body=json.dumps(doc).encode())
     with pytest.raises(ValueError):
         read_manifest(s3, BUCKET, "m/job-1.json")
+
+
+# --------------------------------------------------------------------------- #
+# schema 2: continuation pages and a job error
+# --------------------------------------------------------------------------- #
+
+def test_a_split_prefix_job_names_its_pages_in_page_order_and_reads_back(s3):
+    pages = [Continuation("big.p0001-0a1b2c3d", "s3://b/manifests/big.p0001-0a1b2c3d.json", 100, "a/000.jpg", "a/099.jpg"),
+             Continuation("big.p0002-4e5f6a7b", "s3://b/manifests/big.p0002-4e5f6a7b.json", 7, "a/100.jpg", "a/106.jpg")]
+    m = build_manifest("big", "prefix-job", MODEL, [], continuations=pages)
+    doc = json.loads(m.to_json())
+    assert doc["items"] == [] and doc["counts"] == {"ok": 0, "error": 0} and doc["error"] is None
+    assert [c["job_id"] for c in doc["continuations"]] == ["big.p0001-0a1b2c3d", "big.p0002-4e5f6a7b"]
+    assert doc["continuations"][1] == {"job_id": "big.p0002-4e5f6a7b", "manifest": "s3://b/manifests/big.p0002-4e5f6a7b.json",
+                                       "photos": 7, "first_key": "a/100.jpg", "last_key": "a/106.jpg"}
+    write_manifest(s3, BUCKET, "m/big.json", m)
+    back = read_manifest(s3, BUCKET, "m/big.json")
+    assert back.continuations == pages and back.error is None
+    lines = [json.loads(line) for line in m.to_jsonl().splitlines()]
+    assert lines == [{"job_id": "big", "continuation": c.to_dict()} for c in pages]
+
+
+def test_a_job_error_is_written_and_read_back(s3):
+    m = build_manifest("huge", "prefix-job", MODEL, [], error=JobError("too_many_objects", "more than 10"))
+    assert json.loads(m.to_json())["error"] == {"code": "too_many_objects", "message": "more than 10"}
+    assert json.loads(m.to_jsonl()) == {"job_id": "huge", "error": {"code": "too_many_objects", "message": "more than 10"}}
+    write_manifest(s3, BUCKET, "m/huge.json", m)
+    assert read_manifest(s3, BUCKET, "m/huge.json").error == JobError("too_many_objects", "more than 10")
+
+
+def test_a_version_1_manifest_still_reads(s3):
+    doc = json.loads(build_manifest("job-1", "job", MODEL, items()).to_json())
+    doc["schema_version"] = 1
+    del doc["continuations"], doc["error"]
+    s3.put_object(Bucket=BUCKET, Key="m/old.json", Body=json.dumps(doc).encode())
+    old = read_manifest(s3, BUCKET, "m/old.json")
+    assert old.schema_version == 1 and old.continuations == [] and old.error is None and len(old.items) == 4

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import colour_photo
 from worker.classifier import BreedScore
 from worker.messages import ImageRef
-from worker.pipeline import Pipeline, PipelineSettings, TransientError
+from worker.pipeline import PhotoRequest, Pipeline, PipelineSettings, TransientError
 
 
 class CountingReader:
@@ -40,22 +40,26 @@ def refs(keys):
     return [ImageRef("photos", f"{k}.jpg") for k in keys]
 
 
+def requests(keys):
+    return [PhotoRequest("m", i, ref) for i, ref in enumerate(refs(keys))]
+
+
 def test_prefetched_photos_are_taken_not_read_again():
     reader = CountingReader()
     pipeline = Pipeline(RedClassifier(), s3=None, settings=PipelineSettings(batch_size=4, download_threads=2),
                         reader=reader)
     try:
-        assert pipeline.prefetch(refs(range(6))) == 6
-        assert pipeline.prefetch(refs(range(6))) == 0  # already under way
+        assert pipeline.prefetch(requests(range(6))) == 6
+        assert pipeline.prefetch(requests(range(6))) == 0  # already under way
         results = pipeline.classify(refs(range(10)))
         assert [r.key for r in results] == [f"{k}.jpg" for k in range(10)]
         assert all(r.status == "ok" and r.breed == "red-1" for r in results)
         assert set(reader.reads.values()) == {1} and len(reader.reads) == 10  # each photo read once
         # at most one look-ahead window is held
         window = pipeline.settings.window
-        assert pipeline.prefetch(refs(range(100, 100 + 3 * window))) == window
+        assert pipeline.prefetch(requests(range(100, 100 + 3 * window))) == window
         pipeline.discard_prefetched()
-        assert pipeline.prefetch(refs(range(200, 203))) == 3  # room again after discarding
+        assert pipeline.prefetch(requests(range(200, 203))) == 3  # room again after discarding
         pipeline.discard_prefetched(refs(range(200, 203)))
         assert pipeline._ahead == {}
     finally:
@@ -67,10 +71,10 @@ def test_a_failed_classify_drops_the_prefetched_photos_it_did_not_take():
     pipeline = Pipeline(RedClassifier(), s3=None, settings=PipelineSettings(batch_size=2, download_threads=1),
                         reader=reader)
     try:
-        assert pipeline.prefetch(refs(range(4, 8))) == 4  # the photos classify() reaches after the failing one
+        assert pipeline.prefetch(requests(range(4, 8))) == 4  # the photos classify() reaches after the failing one
         with pytest.raises(TransientError):
             pipeline.classify(refs(range(8)))
         assert pipeline._ahead == {}  # a retry fetches afresh; nothing holds a window slot
-        assert pipeline.prefetch(refs(range(100, 100 + pipeline.settings.window))) == pipeline.settings.window
+        assert pipeline.prefetch(requests(range(100, 100 + pipeline.settings.window))) == pipeline.settings.window
     finally:
         pipeline.close()
