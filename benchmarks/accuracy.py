@@ -274,17 +274,22 @@ def pct(result: dict | None) -> str:
 def print_table(rows: list[dict]) -> None:
     """The README table: both test sets, the cross-validated top-1 and what the row was chosen on."""
     print(f"\n{'row':<52} {'hp':<8} {'weights':<18} {'preproc':<13} {'data':<8} {'size':>4} {'fit':<6} {'aug':>3} "
-          f"{'tta':<4} {'chosen':<6} {'val(CV)':>7} {'top-1':>7} {'top-5':>7} {'outside':>7} {'out t5':>7} {'seconds':>8}")
+          f"{'tta':<4} {'chosen':<6} {'val(CV)':>7} {'top-1':>7} {'top-5':>7} {'outside':>7} {'out t5':>7} {'out val':>7} "
+          f"{'seconds':>8}")
     for r in rows:
         data = r["dataset"].split(", ")[1].replace(" breeds", " br.")
         hp = "tuned" if r["variant"] == "tuned" else "defaults" if r["variant"] in ("defaults", "squash") else "set"
         cv = pct(r["cv"]) if r["cv"] else (f"{r['val_top1']:.1%}*" if r.get("val_top1") is not None else "-")
         out = r["outside"] or {}
+        unseen = out.get("imagenet_val") or {}
+        unseen = f"{round(unseen['top1'] * unseen['photos'])}/{unseen['photos']}" if unseen.get("top1") is not None else "-"
         print(f"{r['name']:<52} {hp:<8} {r['weights']:<18} {r['preprocessing']:<13} {data:<8} {r['image_size']:>4} "
               f"{r['image_fit']:<6} {r['augment_copies']:>3} {'flip' if r['flip_tta'] else '-':<4} {r['chosen']:<6} "
               f"{cv:>7} {r['top1']:>7.1%} {r['top5']:>7.1%} {pct(out or None):>7} "
-              f"{format(out['top5'], '.1%') if out else '-':>7} {r['seconds']:>8.0f}")
-    print("val(CV): 5-fold cross-validated top-1 on the training photos; * = the validation split's top-1 instead")
+              f"{format(out['top5'], '.1%') if out else '-':>7} {unseen:>7} {r['seconds']:>8.0f}")
+    print("val(CV): 5-fold cross-validated top-1 on the training photos; * = the validation split's top-1 instead; "
+          "out val: right / outside photos that are ILSVRC2012 validation photos (the rest are ImageNet training "
+          "photos, seen in pretraining)")
 
 
 def main() -> None:
