@@ -332,6 +332,7 @@ def soak(args) -> dict:
         if model is None:
             log("building the tiny colour model artifact")
             model = str(build_colour_artifact(tmp / "colours"))
+            os.environ["DOGBREEDS_ALLOW_SAVEDMODEL"] = "1"  # it is TensorFlow-only, and ours: serve it knowingly
         plan = plan_photos(args.messages, args.bad_fraction, args.worst_fraction, rng)
         kill_at = sorted(rng.uniform(0.1, 0.8) for _ in range(args.kills))
         kill_delay = [rng.uniform(0.0, 0.5) for _ in range(args.kills)]

@@ -8,7 +8,7 @@ samtranslator, this file runs itself under the tools venv (.venv-tools, made by 
 or $DOGBREEDS_TOOLS_VENV) and hands back JSON.
 
 ``Resolver`` evaluates the intrinsic functions the template uses (Ref, Fn::Sub, Fn::GetAtt,
-Fn::If and the condition functions, Fn::FindInMap, Fn::Join) for given parameter values, so
+Fn::If and the condition functions, Fn::FindInMap, Fn::Join, Fn::Split, Fn::Select) for given parameter values, so
 tests can read the IAM policies and the notification rules as AWS would see them.
 
 Standalone (stdlib + samtranslator only), so that it can run in either venv:
@@ -186,6 +186,8 @@ class Resolver:
         "Fn::If": _if,
         "Fn::FindInMap": _find_in_map,
         "Fn::Join": _join,
+        "Fn::Split": lambda self, a: str(self(a[1])).split(str(self(a[0]))),
+        "Fn::Select": lambda self, a: self(a[1])[int(self(a[0]))],
         "Fn::Equals": lambda self, a: self(a[0]) == self(a[1]),
         "Fn::Not": lambda self, a: not self(a[0]),
         "Fn::And": lambda self, a: all(self(c) for c in a),

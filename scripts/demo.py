@@ -4,10 +4,14 @@
    ``incoming/`` prefix notifies a queue (with a dead-letter queue);
 2. ``dogbreeds-train fit``: a frozen-VGG16 (ImageNet weights) transfer model on the sample
    photos' official train split;
-3. ``dogbreeds-train publish`` the artifact to ``s3://<bucket>/models/``;
+3. ``dogbreeds-train keygen``: a signing key pair in ``demo-output/`` (``signing.key``,
+   ``signing.pub``), then ``dogbreeds-train publish --sign-key`` the artifact, signed, to
+   ``s3://<bucket>/models/``;
 4. drop the held-out sample photos (official test split) into ``incoming/``;
-5. ``dogbreeds-worker run --until-empty`` drains the queue and writes one manifest per photo
-   (its JSON logs go to ``demo-output/worker.log``; the terminal shows a progress bar);
+5. ``dogbreeds-worker run --until-empty`` serves the published version, pinned, and only if its
+   signature verifies with ``signing.pub`` (``--trusted-key``); it drains the queue and writes one
+   manifest per photo (its JSON logs, which say the model was verified, go to
+   ``demo-output/worker.log``; the terminal shows a progress bar);
 6. ``dogbreeds-worker report`` writes ``demo-output/report.html`` (one static page: summary,
    breeds, scores, every photo with its label) and ``export`` writes ``demo-output/labels.csv``;
    stop the server;
@@ -89,8 +93,10 @@ def main() -> None:
         run("dogbreeds-train", "fit", str(photos), "--model", args.model, "--image-size", "224", "--split-file", str(split),
             "--run-dir", str(out / "run"), "--augment-copies", args.augment_copies, "--epochs", "60",
             "--cache-dir", str(out / "cache"), env=env)
+        run("dogbreeds-train", "keygen", str(out / "signing"), env=env)
         run("dogbreeds-train", "publish", str(out / "run"), "--to", f"s3://{stack.bucket}/models",
-            "--name", "demo-breeds", env=env)
+            "--name", "demo-breeds", "--sign-key", str(out / "signing.key"), env=env)
+        version = s3.get_object(Bucket=stack.bucket, Key="models/demo-breeds/latest")["Body"].read().decode()
 
         test_photos = held_out_photos(photos, split)
         for path in test_photos:
@@ -100,9 +106,13 @@ def main() -> None:
         def manifests_written() -> int:  # one S3 event, so one message and one manifest, per photo
             return s3.list_objects_v2(Bucket=stack.bucket, Prefix="manifests/").get("KeyCount", 0)
 
-        run_logged("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds",
-                   "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "2", env=env,
-                   log=out / "worker.log", done=manifests_written, total=len(test_photos))
+        run_logged("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds/{version}",
+                   "--trusted-key", str(out / "signing.pub"), "--queue-url", stack.queue_url, "--until-empty",
+                   "--wait-seconds", "2", env=env, log=out / "worker.log", done=manifests_written,
+                   total=len(test_photos))
+        verified = "model signature verified" in (out / "worker.log").read_text(errors="replace")
+        print(f"worker served demo-breeds/{version}: "
+              + ("signature verified with signing.pub" if verified else "NOT verified (see worker.log)"))
 
         items = []
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix="manifests/"):

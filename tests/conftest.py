@@ -29,6 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def savedmodel_opt_in(request, monkeypatch):
+    """``colour_artifact`` is a TensorFlow-only model (no OpenVINO variants), which the worker
+    serves only when told to (worker.runtimes: a SavedModel is a program). The tests that serve it
+    opt in explicitly, as an operator would: ``DOGBREEDS_ALLOW_SAVEDMODEL=1`` (inherited by the
+    worker processes they start)."""
+    if "colour_artifact" in request.fixturenames:
+        monkeypatch.setenv("DOGBREEDS_ALLOW_SAVEDMODEL", "1")
+    else:
+        monkeypatch.delenv("DOGBREEDS_ALLOW_SAVEDMODEL", raising=False)
+
+
 @pytest.fixture
 def aws_env(monkeypatch):
     """Fake credentials and a region, no real AWS reachable."""

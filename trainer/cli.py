@@ -225,14 +225,49 @@ def evaluate(run_dir, data):
 @click.option("--version", help="Version (default: a UTC timestamp).")
 @click.option("--fast-runtimes/--tf-only", default=True, show_default=True,
               help="Also write OpenVINO int8 (calibrated on the training photos) and bf16 variants beside the "
-                   "SavedModel, with their top-1 agreement with fp32 on the held-out photos.")
-def publish(run_dir, destination, name, version, fast_runtimes):
+                   "SavedModel, with their top-1 agreement with fp32 on the held-out photos. The worker serves "
+                   "these data-only variants by default; a --tf-only artifact needs DOGBREEDS_ALLOW_SAVEDMODEL=1.")
+@click.option("--sign-key", envvar="DOGBREEDS_SIGN_KEY", metavar="KEY",
+              help="Sign the artifact (manifest.sig beside manifest.json, which lists every file's sha256): a PEM "
+                   "private key file (Ed25519 or ECDSA P-256; `dogbreeds-train keygen` makes one) or "
+                   "kms://<key id, alias/name or ARN> (an AWS KMS ECC_NIST_P256 SIGN_VERIFY key; needs kms:Sign "
+                   "and kms:GetPublicKey). Workers given the public key (DOGBREEDS_TRUSTED_KEY) refuse anything "
+                   "else. Env: DOGBREEDS_SIGN_KEY.")
+def publish(run_dir, destination, name, version, fast_runtimes, sign_key):
     """Build the model artifact of a run (inference model with its preprocessing, labels,
-    manifest with checksums, model card, plots) and publish it, moving `latest`."""
+    manifest with checksums, model card, plots), sign it with --sign-key, and publish it: the
+    version is written once (a different artifact under the same version is refused) and `latest`
+    moves to it unless it already names a newer version."""
     from trainer.publish import publish as do_publish
+    from worker.artifact import ArtifactError
 
-    where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes)
-    click.echo(f"published {where}")
+    signer = None
+    if sign_key:
+        from trainer.signing import signer_from
+
+        try:
+            signer = signer_from(sign_key)
+        except ArtifactError as error:
+            raise click.ClickException(str(error)) from error
+    where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes, signer=signer)
+    click.echo(f"published {where}" + (f" (signed by {signer.key_id})" if signer else " (unsigned)"))
+
+
+@main.command()
+@click.argument("prefix", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing key pair.")
+def keygen(prefix, force):
+    """Make an Ed25519 signing key pair: PREFIX.key (the private key, mode 600: give it to
+    `publish --sign-key`, keep it off the workers) and PREFIX.pub (the public key: give it to the
+    worker, --trusted-key / DOGBREEDS_TRUSTED_KEY). For production, an AWS KMS key
+    (kms://<key>) keeps the private key out of reach altogether."""
+    from trainer.signing import generate_key_pair
+
+    try:
+        private, public, key_id = generate_key_pair(Path(prefix), overwrite=force)
+    except FileExistsError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"private key {private} (keep it secret), public key {public}, key id {key_id}")
 
 
 if __name__ == "__main__":

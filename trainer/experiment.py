@@ -210,6 +210,9 @@ def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, 
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepared or prepare(config)
     hp = models.fixed_hyperparameters(config.hyperparameters)
+    # the initial weights and the dropout layers' seeds are drawn when the model is built: seed
+    # here too, or they follow whatever used Python's random generator earlier in the process
+    training.keras.utils.set_random_seed(config.seed)
     model = models.build(config.model, hp, prepared.context())
     started = time.perf_counter()
     result = training.fit(prepared.family, model, prepared.training_data(), hp.values, run_dir,

@@ -191,13 +191,18 @@ def runtimes_card(runtimes: dict) -> str:
 
 
 def publish(run_dir: Path, destination: str, name: str, version: str | None = None, work_dir: Path | None = None,
-            fast_runtimes: bool = True) -> str:
+            fast_runtimes: bool = True, signer=None) -> str:
     """Build the artifact and put it in a registry: a local folder or ``s3://bucket/prefix``.
+    ``signer`` (trainer.signing): sign it (``manifest.sig``) before it leaves this machine.
     Returns where the new version lives."""
     version = version or artifact.new_version()
     staging = Path(work_dir or Path(run_dir) / "artifacts") / f"{name}-{version}"
     if not staging.exists():
         build_artifact(run_dir, staging, name, version, fast_runtimes=fast_runtimes)
+    if signer is not None:
+        from trainer.signing import sign_artifact
+
+        sign_artifact(staging, signer)
     if destination.startswith("s3://"):
         return artifact.upload_artifact(staging, destination)
     return str(artifact.copy_to_local_registry(staging, Path(destination)))

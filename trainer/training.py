@@ -49,11 +49,19 @@ class FitResult:
     stopped_early: bool
 
 
-def _callbacks(run_dir: Path, phase: str, patience: int, monitor: str = "val_loss") -> list:
+def warmup_epochs(n_epochs: int, patience: int) -> int:
+    """Epochs during which early stopping neither stops nor keeps a best epoch: on a small
+    validation split one confidently wrong photo can make the first epoch's loss the lowest for
+    a while, and restoring it keeps a barely trained head."""
+    return min(patience, n_epochs // 3)
+
+
+def _callbacks(run_dir: Path, phase: str, patience: int, monitor: str = "val_loss", warmup: int = 0) -> list:
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     return [
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=0),
+        keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=0,
+                                      start_from_epoch=warmup),
         keras.callbacks.ModelCheckpoint(checkpoints / f"best-{phase}.keras", monitor=monitor, save_best_only=True),
         keras.callbacks.BackupAndRestore(str(checkpoints / f"backup-{phase}")),
         keras.callbacks.CSVLogger(str(run_dir / f"history-{phase}.csv"), append=True),
@@ -75,7 +83,8 @@ def fit(family: ModelFamily, model: keras.Model, data: TrainingData, hp_values: 
     phases = []
 
     def run_phase(name: str, trained: keras.Model, datasets, n_epochs: int, learning_rate: float) -> None:
-        callbacks = _callbacks(run_dir, name, patience, monitor)
+        warmup = warmup_epochs(n_epochs, patience) if name == "head" else 0
+        callbacks = _callbacks(run_dir, name, patience, monitor, warmup)
         if verbose == "bar":
             from trainer.progress import EpochBar
 
@@ -86,8 +95,9 @@ def fit(family: ModelFamily, model: keras.Model, data: TrainingData, hp_values: 
         for k, v in h.history.items():
             history.setdefault(k, []).extend(float(x) for x in v)
         monitored = h.history.get(monitor, [0.0])
+        kept = monitored[warmup:] or monitored
         phases.append({"phase": name, "epochs": len(monitored), "learning_rate": learning_rate,
-                       "best_epoch": int(np.argmin(monitored)) + 1 if monitored else 0})
+                       "best_epoch": int(np.argmin(kept)) + 1 + len(monitored) - len(kept) if monitored else 0})
 
     lr = float(hp_values.get("lr", 1e-3))
     if family.fine_tune_layers and family.fine_tune_layers[-1] != model.layers[-1].name:

@@ -44,6 +44,7 @@ __all__ = [
     "ArtifactManifest",
     "Label",
     "LoadedArtifact",
+    "advance_latest",
     "copy_to_local_registry",
     "load_artifact",
     "new_version",
@@ -59,6 +60,7 @@ SCHEMA_VERSION = 1
 MODEL_DIR = "model"
 LABELS_FILE = "labels.json"
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"  # optional: the signature of manifest.json (worker.signature)
 README_FILE = "README.md"
 LATEST = "latest"
 SAVED_MODEL_PB = f"{MODEL_DIR}/saved_model.pb"
@@ -234,6 +236,7 @@ class LoadedArtifact:
     labels: list[Label]
     predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, H, W, 3) 0..255 -> (n, num_classes)
     runtime: str = "tf"  # the manifest "runtimes" key serving predict (worker.runtimes)
+    provenance: Any = None  # worker.signature.Provenance: manifest digest, signature verified or not
 
 
 # --------------------------------------------------------------------------- helpers
@@ -438,7 +441,7 @@ def write_artifact(
         why = _check_relpath(rel)
         if why:
             raise ArtifactError(f"write_artifact: extra file {why}")
-        if rel in (MANIFEST_FILE, LABELS_FILE, README_FILE) or rel == MODEL_DIR or rel.startswith(MODEL_DIR + "/"):
+        if rel in (MANIFEST_FILE, SIGNATURE_FILE, LABELS_FILE, README_FILE) or rel == MODEL_DIR or rel.startswith(MODEL_DIR + "/"):
             raise ArtifactError(f"write_artifact: extra file {rel!r} clashes with a reserved artifact path")
         src = Path(src)
         if not src.is_file():
@@ -620,9 +623,25 @@ def copy_to_local_registry(local: Path, root: Path, set_latest: bool = True) -> 
     elif not dest.exists():
         _copy_artifact_files(local, manifest, name_dir, dest, manifest_bytes)
 
+    signature = _read_optional(local / SIGNATURE_FILE)
+    if signature is not None and _read_optional(dest / SIGNATURE_FILE) != signature:
+        _write_bytes_atomic(dest / SIGNATURE_FILE, signature)  # a signature added to (or renewed on) a version
     if set_latest:
         _write_text_atomic(name_dir / LATEST, manifest.version)
     return dest
+
+
+def _read_optional(path: Path) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _copy_artifact_files(local: Path, manifest: ArtifactManifest, parent: Path, dest: Path, manifest_bytes: bytes) -> None:
@@ -633,6 +652,8 @@ def _copy_artifact_files(local: Path, manifest: ArtifactManifest, parent: Path, 
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local / rel, tmp / rel)
         (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        if (local / SIGNATURE_FILE).is_file():
+            shutil.copyfile(local / SIGNATURE_FILE, tmp / SIGNATURE_FILE)
         verify_artifact(tmp)
         _install_dir(tmp, dest)
     finally:
@@ -655,9 +676,16 @@ def _s3_get_bytes(s3, bucket: str, key: str, *, denied_is_missing: bool = False)
 
 
 def upload_artifact(local: Path, uri: str, *, s3=None, set_latest: bool = True) -> str:
-    """Upload a verified artifact to ``<uri>/<name>/<version>/`` (manifest.json last, so a
-    visible manifest means a complete upload), then write ``<uri>/<name>/latest``.
-    Returns ``s3://bucket/<prefix>/<name>/<version>``."""
+    """Upload a verified artifact to ``<uri>/<name>/<version>/``, then move ``<uri>/<name>/latest``
+    forward to it. Returns ``s3://bucket/<prefix>/<name>/<version>``.
+
+    The files go first, then ``manifest.sig`` (when the artifact is signed), then ``manifest.json``
+    with a conditional PUT (``If-None-Match: *``): a visible manifest means a complete upload, and
+    a version, once published, is never replaced (a publisher racing another one with the same
+    version and different content gets an ArtifactError; the same content is accepted).
+    ``latest`` only moves forward (:func:`advance_latest`)."""
+    from botocore.exceptions import ClientError
+
     local = Path(local)
     manifest = verify_artifact(local)
     base = S3Uri.parse(uri)
@@ -665,24 +693,75 @@ def upload_artifact(local: Path, uri: str, *, s3=None, set_latest: bool = True) 
     dest = base.join(manifest.name, manifest.version)
     s3 = s3 or s3_client()
     manifest_bytes = (local / MANIFEST_FILE).read_bytes()
+    manifest_key = f"{dest.key}/{MANIFEST_FILE}"
 
-    existing = _s3_get_bytes(s3, dest.bucket, f"{dest.key}/{MANIFEST_FILE}")
-    if existing is not None and existing != manifest_bytes:
-        raise ArtifactError(f"{dest} already exists with different content; versions are immutable")
+    def refuse_if_different(existing: bytes | None) -> None:
+        if existing is not None and existing != manifest_bytes:
+            raise ArtifactError(f"{dest} already exists with different content; versions are immutable")
 
+    refuse_if_different(_s3_get_bytes(s3, dest.bucket, manifest_key))
     for rel in sorted(manifest.files):
         s3.upload_file(str(local / rel), dest.bucket, f"{dest.key}/{rel}")
-    s3.put_object(
-        Bucket=dest.bucket, Key=f"{dest.key}/{MANIFEST_FILE}", Body=manifest_bytes, ContentType="application/json"
-    )
+    signature = _read_optional(local / SIGNATURE_FILE)
+    if signature is not None:
+        s3.put_object(Bucket=dest.bucket, Key=f"{dest.key}/{SIGNATURE_FILE}", Body=signature,
+                      ContentType="application/json")
+    try:
+        s3.put_object(Bucket=dest.bucket, Key=manifest_key, Body=manifest_bytes, ContentType="application/json",
+                      IfNoneMatch="*")
+    except ClientError as error:
+        if _error_code(error) not in _CONDITION_FAILED:
+            raise
+        refuse_if_different(_s3_get_bytes(s3, dest.bucket, manifest_key))  # published meanwhile: the same?
     if set_latest:
-        s3.put_object(
-            Bucket=dest.bucket,
-            Key=base.join(manifest.name, LATEST).key,
-            Body=manifest.version.encode("utf-8"),
-            ContentType="text/plain",
-        )
+        advance_latest(s3, dest.bucket, base.join(manifest.name, LATEST).key, manifest.version)
     return str(dest)
+
+
+_CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def _error_code(error) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def version_order(version: str) -> tuple:
+    """Sort key of versions: digit runs compare as numbers (``v9`` < ``v10``); the default
+    UTC timestamp versions (``20261125T210455Z``) sort by time."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", version) if part)
+
+
+def advance_latest(s3, bucket: str, key: str, version: str, *, attempts: int = 20) -> str:
+    """Point ``s3://bucket/key`` (a ``latest`` object) at ``version`` unless it already names a
+    newer one (:func:`version_order`), so that ``latest`` never moves back when publishers race.
+    Each write is conditional on what was read (``If-Match`` on its ETag, or ``If-None-Match: *``
+    when there was none); a write that loses a race reads again. Returns the version ``latest``
+    names afterwards."""
+    from botocore.exceptions import ClientError
+
+    for _ in range(attempts):
+        try:
+            answer = s3.get_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if _error_code(error) not in ("NoSuchKey", "404", "NotFound"):
+                raise
+            current, condition = None, {"IfNoneMatch": "*"}
+        else:
+            body = answer["Body"].read()
+            try:
+                current = _parse_version_text(body, f"s3://{bucket}/{key}")
+            except ArtifactError:
+                current = None  # not a version: replace it (still conditionally)
+            condition = {"IfMatch": answer["ETag"]}
+        if current is not None and version_order(current) >= version_order(version):
+            return current
+        try:
+            s3.put_object(Bucket=bucket, Key=key, Body=version.encode("utf-8"), ContentType="text/plain", **condition)
+            return version
+        except ClientError as error:
+            if _error_code(error) not in _CONDITION_FAILED + ("NoSuchKey",):
+                raise
+    raise ArtifactError(f"s3://{bucket}/{key} kept changing while {version} was published; run publish again")
 
 
 # --------------------------------------------------------------------------- resolve / load
@@ -700,7 +779,8 @@ def _cache_root(cache_dir: Path | None) -> Path:
 Needed = Callable[[ArtifactManifest], set]  # manifest -> the files a caller will read
 
 
-def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, needed: Needed | None = None) -> Path:
+def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, needed: Needed | None = None,
+                     trust=None) -> Path:
     """Turn an artifact reference into a verified local artifact directory.
 
     Local: an artifact dir; a registry dir ``root/<name>`` (follows ``latest``); or
@@ -716,9 +796,13 @@ def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, needed
     model (see :func:`load_artifact`): only those and ``labels.json`` are downloaded and
     verified, and a later call needing more files adds them to the same cached copy, each
     checked against its sha256 before it is moved into place.
+
+    ``trust`` (a :class:`worker.signature.TrustPolicy`) checks the bytes of ``manifest.json``
+    (its signature, ``manifest.sig``, against the worker's trusted key; its pinned digest) before
+    anything else of the artifact is read or downloaded; a refusal raises its SignatureError.
     """
     if is_s3_uri(uri):
-        return _resolve_s3(uri, s3=s3, cache_dir=cache_dir, needed=needed)
+        return _resolve_s3(uri, s3=s3, cache_dir=cache_dir, needed=needed, trust=trust)
     text = str(uri)
     if text.startswith("file://"):
         text = text[len("file://"):]
@@ -733,8 +817,18 @@ def resolve_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, needed
         raise ArtifactError(f"no such artifact or registry path: {p}")
     else:
         raise ArtifactError(f"{p} is neither an artifact (no {MANIFEST_FILE}) nor a registry entry (no {LATEST})")
+    if trust is not None:
+        _check_trust(trust, target, str(uri))
     verify_artifact(target)
     return target.resolve()
+
+
+def _check_trust(trust, path: Path, where: str):
+    """The trust policy's verdict on a local artifact directory (its manifest.json + manifest.sig)."""
+    manifest_bytes = _read_optional(Path(path) / MANIFEST_FILE)
+    if manifest_bytes is None:
+        raise ArtifactError(f"{MANIFEST_FILE} is missing in {path}")
+    return trust.check(manifest_bytes, _read_optional(Path(path) / SIGNATURE_FILE), where)
 
 
 def _wanted_files(manifest: ArtifactManifest, needed: Needed | None) -> set[str] | None:
@@ -762,7 +856,7 @@ def _download_into(s3, bucket: str, vkey: str, manifest: ArtifactManifest, rels,
             part.unlink(missing_ok=True)
 
 
-def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None = None) -> Path:
+def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None = None, trust=None) -> Path:
     u = S3Uri.parse(uri)
     key = u.key.strip("/")
     _check_key_segments(key, uri)
@@ -773,6 +867,8 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
         cached = bucket_root / key
         if (cached / MANIFEST_FILE).is_file():
             try:
+                if trust is not None:
+                    _check_trust(trust, cached, uri)
                 m = verify_artifact(cached, only=_wanted_files(read_manifest(cached), needed))
             except ArtifactError:
                 pass
@@ -806,6 +902,11 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
         manifest_bytes = _s3_get_bytes(s3, u.bucket, f"{vkey}/{MANIFEST_FILE}")
         if manifest_bytes is None:
             raise ArtifactError(f"s3://{u.bucket}/{vkey}/{MANIFEST_FILE} is missing (incomplete upload?)")
+    signature = None
+    if trust is not None:  # before the manifest is even parsed: a refused artifact is never downloaded
+        if trust.requires_signature:
+            signature = _s3_get_bytes(s3, u.bucket, f"{vkey}/{SIGNATURE_FILE}", denied_is_missing=True)
+        trust.check(manifest_bytes, signature, f"s3://{u.bucket}/{vkey}")
     try:
         manifest = ArtifactManifest.from_dict(json.loads(manifest_bytes))
     except ValueError as e:
@@ -826,6 +927,8 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
         # a cached copy of this version, maybe partial (another runtime's files): add what is absent
         absent = {rel for rel in (manifest.files if wanted is None else wanted) if not (local / rel).exists()}
         _download_into(s3, u.bucket, vkey, manifest, absent, local)
+        if signature is not None and _read_optional(local / SIGNATURE_FILE) != signature:
+            _write_bytes_atomic(local / SIGNATURE_FILE, signature)
         try:
             verify_artifact(local, only=wanted)
             return local
@@ -839,6 +942,8 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(u.bucket, f"{vkey}/{rel}", str(tmp / rel))
         (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        if signature is not None:
+            (tmp / SIGNATURE_FILE).write_bytes(signature)
         verify_artifact(tmp, only=wanted)
         _install_dir(tmp, local, only=wanted)
     finally:
@@ -846,18 +951,30 @@ def _resolve_s3(uri: str, *, s3, cache_dir: Path | None, needed: Needed | None =
     return local
 
 
-def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, runtime: str | None = None) -> LoadedArtifact:
+def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, runtime: str | None = None,
+                  trust=None) -> LoadedArtifact:
     """Resolve + verify an artifact and load one of its runtimes (see :mod:`worker.runtimes`):
-    ``runtime`` None -> ``$DOGBREEDS_RUNTIME`` -> ``"auto"`` (the fastest variant whose recorded
-    agreement with fp32 passed, else the SavedModel's ``serve`` signature with TensorFlow)."""
-    from worker import runtimes  # runtimes imports this module
+    ``runtime`` None -> ``$DOGBREEDS_RUNTIME`` -> ``"auto"`` (the fastest data-only variant whose
+    recorded agreement with fp32 passed; the TensorFlow SavedModel only when chosen explicitly or
+    allowed with ``$DOGBREEDS_ALLOW_SAVEDMODEL``).
+
+    ``trust`` (:class:`worker.signature.TrustPolicy`; None -> from ``$DOGBREEDS_TRUSTED_KEY`` and
+    ``$DOGBREEDS_MODEL_DIGEST``) vouches for ``manifest.json`` before anything of the artifact is
+    downloaded or loaded; every file then read is checked against that manifest's sha256. The
+    result's ``provenance`` says what was verified."""
+    from worker import runtimes, signature  # both import this module
+
+    trust = signature.TrustPolicy.from_env() if trust is None else trust
 
     def needed(manifest: ArtifactManifest) -> set[str]:  # from S3, only the chosen runtime's model
         return runtimes.files_of(runtimes.select(manifest.runtimes, runtime), manifest.files)
 
-    path = resolve_artifact(uri, s3=s3, cache_dir=cache_dir, needed=needed)
-    manifest = read_manifest(path)
+    path = resolve_artifact(uri, s3=s3, cache_dir=cache_dir, needed=needed, trust=trust)
+    manifest_bytes = (Path(path) / MANIFEST_FILE).read_bytes()
+    provenance = trust.check(manifest_bytes, _read_optional(Path(path) / SIGNATURE_FILE), str(uri))
+    manifest = ArtifactManifest.from_dict(json.loads(manifest_bytes))  # the bytes just vouched for
     labels = read_labels(path)
     entry = runtimes.select(manifest.runtimes, runtime)
     predict = runtimes.load(path, entry, input_size=manifest.input_size, num_classes=manifest.num_classes)
-    return LoadedArtifact(path=Path(path), manifest=manifest, labels=labels, predict=predict, runtime=entry.key)
+    return LoadedArtifact(path=Path(path), manifest=manifest, labels=labels, predict=predict, runtime=entry.key,
+                          provenance=provenance)

@@ -22,10 +22,26 @@ class Classifier:
     top_k: int = 5
 
     @classmethod
-    def load(cls, uri: str, top_k: int = 5, runtime: str | None = None, **kw) -> "Classifier":
+    def load(cls, uri: str, top_k: int = 5, runtime: str | None = None, trust=None, **kw) -> "Classifier":
         """``runtime``: a manifest runtimes key or runtime name; None -> $DOGBREEDS_RUNTIME -> auto
-        (see worker.runtimes.select)."""
-        return cls(load_artifact(uri, runtime=runtime, **kw), top_k)
+        (see worker.runtimes.select). ``trust``: a worker.signature.TrustPolicy (None -> from the
+        environment). Logs what it serves: the model, its manifest digest and whether its signature
+        was verified (a warning when it was not)."""
+        classifier = cls(load_artifact(uri, runtime=runtime, trust=trust, **kw), top_k)
+        classifier.log_provenance(uri)
+        return classifier
+
+    def log_provenance(self, uri: str) -> None:
+        from worker.observability import logger
+
+        provenance = self.artifact.provenance
+        details = {"model": {**self.model_info, "uri": uri, **(provenance.to_dict() if provenance else {})}}
+        if provenance is not None and provenance.verified:
+            logger.info("model signature verified", extra=details)
+        else:
+            logger.warning("serving an unverified model: no trusted key is configured (DOGBREEDS_TRUSTED_KEY or "
+                           "--trusted-key), so anyone who can write the model's files decides what runs",
+                           extra=details)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -41,7 +57,11 @@ class Classifier:
     @property
     def model_info(self) -> dict:
         m = self.artifact.manifest
-        return {"name": m.name, "version": m.version, "runtime": getattr(self.artifact, "runtime", "tf")}
+        info = {"name": m.name, "version": m.version, "runtime": getattr(self.artifact, "runtime", "tf")}
+        provenance = getattr(self.artifact, "provenance", None)
+        if provenance is not None:
+            info["manifest_sha256"] = provenance.manifest_sha256
+        return info
 
     def classify(self, pixels: np.ndarray) -> list[list[BreedScore]]:
         """N x H x W x 3 uint8 -> for each photo, the top-k breeds, best first."""

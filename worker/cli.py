@@ -32,15 +32,49 @@ def main(log_format):
     configure_logging(log_format)
 
 
-def _load_classifier(model_uri: str, top_k: int, **kw):
-    """Load and verify the artifact; a tampered or missing one is a one-line refusal, not a traceback."""
+def _load_classifier(model_uri: str, top_k: int, trusted_key: str | None = None, model_digest: str | None = None,
+                     **kw):
+    """Load and verify the artifact (its signature against ``trusted_key`` when one is given,
+    its manifest against ``model_digest``); a tampered, unsigned, re-signed or missing one is a
+    one-line refusal, not a traceback."""
     from worker.artifact import ArtifactError
     from worker.classifier import Classifier
+    from worker.runtimes import RuntimeSelectionError
+    from worker.signature import TrustPolicy
 
     try:
-        return Classifier.load(model_uri, top_k=top_k, **kw)
-    except ArtifactError as error:
-        raise click.ClickException(f"refusing to serve {model_uri}: ArtifactError: {error}") from error
+        trust = TrustPolicy.from_config(trusted_key, model_digest)
+        return Classifier.load(model_uri, top_k=top_k, trust=trust, **kw)
+    except (ArtifactError, RuntimeSelectionError) as error:
+        raise click.ClickException(f"refusing to serve {model_uri}: {type(error).__name__}: {error}") from error
+
+
+def trust_options(command):
+    """--trusted-key and --model-digest (defaults from the environment)."""
+    from worker.settings import WorkerEnvironment
+
+    env = WorkerEnvironment.from_env()
+    options = [
+        click.option("--trusted-key", default=env.trusted_key, metavar="KEY",
+                     help="Serve only artifacts signed with this key: a PEM public key file (dogbreeds-train "
+                          "keygen writes one), an inline PEM, or kms://<key id, alias/name or ARN> (its public key "
+                          "is fetched with kms:GetPublicKey). Unsigned, re-signed or modified artifacts are refused. "
+                          "Unset: the artifact is served unverified, with a warning. Env: DOGBREEDS_TRUSTED_KEY."),
+        click.option("--model-digest", default=env.model_digest, metavar="SHA256",
+                     help="Serve only the artifact whose manifest.json has this sha256 (a pin). "
+                          "Env: DOGBREEDS_MODEL_DIGEST."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _logs_to_stderr() -> None:
+    """predict and classify print their results on stdout: their log lines (which model, whether
+    it was verified) go to stderr."""
+    from worker.observability import logger
+
+    logger.registered_handler.setStream(sys.stderr)
 
 
 def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
@@ -65,9 +99,11 @@ def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (JSON Lines) instead of a table.")
 @click.option("--runtime", envvar="DOGBREEDS_RUNTIME", default="auto", show_default=True,
-              help="Model variant: auto (the fastest one whose recorded agreement with fp32 passed), tf, "
-                   "openvino, or a key of the artifact's runtimes such as openvino-int8. Env: DOGBREEDS_RUNTIME.")
-def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
+              help="Model variant: auto (the fastest data-only variant whose recorded agreement with fp32 "
+                   "passed; the TensorFlow SavedModel only with DOGBREEDS_ALLOW_SAVEDMODEL=1), tf, openvino, or a "
+                   "key of the artifact's runtimes such as openvino-int8. Env: DOGBREEDS_RUNTIME.")
+@trust_options
+def predict(model_uri, paths, top_k, batch_size, as_json, runtime, trusted_key, model_digest):
     """Top-k breeds for photos or folders of photos. Unreadable files are reported per file
     (with their error code) and never stop the run."""
     import numpy as np
@@ -75,7 +111,8 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
 
     from worker.images import ImageDecodeError, load_image
 
-    classifier = _load_classifier(model_uri, top_k, runtime=runtime)
+    _logs_to_stderr()
+    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, runtime=runtime)
     files, had_folder = _photo_paths(paths)
     results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
     printed = 0
@@ -118,12 +155,13 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime):
         click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
 
 
-def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None):
+def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None,
+              trusted_key: str | None = None, model_digest: str | None = None):
     from worker.pipeline import Pipeline, PipelineSettings
     from worker.settings import WorkerEnvironment, client
 
     s3 = client("s3")
-    classifier = _load_classifier(model_uri, top_k, s3=s3, runtime=runtime)
+    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, s3=s3, runtime=runtime)
     budget = WorkerEnvironment.from_env().decode_budget_pixels  # DOGBREEDS_DECODE_BUDGET_PIXELS
     return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k,
                                                      decode_budget_pixels=budget), reader=reader)
@@ -149,10 +187,11 @@ def worker_options(command):
         click.option("--jsonl/--json", "jsonl", default=env.jsonl, show_default=True,
                      help="Write manifests as JSON Lines (one item per line) or one JSON document."),
         click.option("--runtime", default=env.runtime, show_default=True,
-                     help="Model variant: auto (the fastest one whose recorded agreement with fp32 passed), tf, "
-                          "openvino, or a key of the artifact's runtimes such as openvino-int8 "
-                          "(env DOGBREEDS_RUNTIME)."),
+                     help="Model variant: auto (the fastest data-only variant whose recorded agreement with fp32 "
+                          "passed; the TensorFlow SavedModel only with DOGBREEDS_ALLOW_SAVEDMODEL=1), tf, openvino, "
+                          "or a key of the artifact's runtimes such as openvino-int8 (env DOGBREEDS_RUNTIME)."),
     ]
+    command = trust_options(command)  # listed after the options above
     for option in reversed(options):
         command = option(command)
     return command
@@ -177,8 +216,9 @@ def worker_options(command):
               show_default=True, help="A prefix job listing more photos than this is split into continuation job "
                                        "messages of this many keys, sent back to the queue "
                                        "(env DOGBREEDS_PREFIX_PAGE_KEYS).")
-def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, queue_url, wait_seconds,
-        visibility_timeout, heartbeat, retry_delay, max_messages, until_empty, pipelined, prefix_page_keys):
+def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, trusted_key,
+        model_digest, queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages, until_empty,
+        pipelined, prefix_page_keys):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
@@ -190,7 +230,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 
     if prefix_page_keys < 1:
         raise click.BadParameter("must be >= 1", param_hint="--prefix-page-keys")
-    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
+    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, trusted_key=trusted_key,
+                         model_digest=model_digest)
     output = OutputSettings(output_bucket, output_prefix, jsonl, page_keys=prefix_page_keys,
                             max_prefix_keys=WorkerEnvironment.from_env().max_prefix_keys)
     poller = Poller(client("sqs"), pipeline, output,
@@ -212,8 +253,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 @click.option("--out", help="Where to write the manifest: a local file or s3://bucket/key "
                             "(default: s3://<bucket>/<output-prefix>/<job-id>.json for S3 sources, "
                             "./<job-id>.json for local folders).")
-def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, source, job_id,
-             out):
+def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, trusted_key,
+             model_digest, source, job_id, out):
     """Classify every photo under SOURCE (a local folder or s3://bucket/prefix) and write one
     manifest, without a queue."""
     import hashlib
@@ -225,10 +266,12 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     from worker.pipeline import LocalReader
     from worker.s3uri import S3Uri
 
+    _logs_to_stderr()
     job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     if source.startswith("s3://"):
         uri = S3Uri.parse(source)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, trusted_key=trusted_key,
+                             model_digest=model_digest)
         job = expand_prefix_job(Job(job_id, (), None, "prefix-job", prefix=uri.key, bucket=uri.bucket), pipeline.s3)
     else:
         root = Path(source)
@@ -238,7 +281,8 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
 
         keys = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime,
+                             trusted_key=trusted_key, model_digest=model_digest)
         job = Job(job_id, tuple(ImageRef(str(root), k) for k in keys), None, "local-folder")
     try:
         with tqdm(total=len(job.refs), desc="classify", unit="img", file=sys.stderr) as bar:

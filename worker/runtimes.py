@@ -20,8 +20,14 @@ flip the top-1; see trainer.fast_runtimes). Every variant takes what the SavedMo
 preprocessing is inside) and returns the same probabilities. :func:`select` picks one:
 an explicit choice (``--runtime`` / ``$DOGBREEDS_RUNTIME``: a key such as ``openvino-int8``,
 or a runtime name such as ``openvino`` or ``tf``), else ``auto``: the fastest variant whose
-package is installed and whose recorded top-1 agreement with fp32 passed the threshold,
-else ``tf``. :func:`load` turns an entry into ``predict(batch) -> probs``.
+package is installed and whose recorded top-1 agreement with fp32 passed the threshold.
+:func:`load` turns an entry into ``predict(batch) -> probs``.
+
+Data-only by default: an OpenVINO IR is a graph of inference operations and weights, while a
+TensorFlow SavedModel is a program (its graph may read files and environment variables, e.g. the
+function's AWS credentials, and write them anywhere TensorFlow's file systems reach). ``auto``
+therefore never picks the SavedModel unless ``$DOGBREEDS_ALLOW_SAVEDMODEL`` is ``1`` (or the
+caller passes ``allow_savedmodel=True``); asking for ``tf`` by name is the other explicit opt-in.
 
 Nothing here imports TensorFlow or OpenVINO at module level: each is imported only when a
 model of that runtime is loaded, so a worker installed without TensorFlow
@@ -57,6 +63,7 @@ __all__ = [
 ]
 
 RUNTIME_ENV = "DOGBREEDS_RUNTIME"
+ALLOW_SAVEDMODEL_ENV = "DOGBREEDS_ALLOW_SAVEDMODEL"
 THREADS_ENV = "DOGBREEDS_THREADS"
 AUTO = "auto"
 TF = "tf"
@@ -125,18 +132,33 @@ def is_available(runtime: str) -> bool:
         return False
 
 
+def savedmodel_allowed(env: Mapping[str, str] = os.environ) -> bool:
+    """``$DOGBREEDS_ALLOW_SAVEDMODEL`` is 1/true/yes: ``auto`` may serve the TensorFlow SavedModel."""
+    return env.get(ALLOW_SAVEDMODEL_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def savedmodel_refused(keys: str) -> str:
+    return (f"this artifact carries no data-only model (it has: {keys}): the worker serves OpenVINO IR variants "
+            "by default, since a TensorFlow SavedModel is a program (its graph can read files and environment "
+            "variables). Publish it with its OpenVINO variants (dogbreeds-train publish builds them unless "
+            "--tf-only; it needs the 'train' extra's openvino and nncf), or opt in to the SavedModel with "
+            f"{ALLOW_SAVEDMODEL_ENV}=1 or --runtime tf")
+
+
 def select(runtimes: Mapping[str, Any], requested: str | None = None, *,
-           available: Callable[[str], bool] | None = None) -> RuntimeEntry:
+           available: Callable[[str], bool] | None = None, allow_savedmodel: bool | None = None) -> RuntimeEntry:
     """Choose the runtime entry to serve with.
 
     ``requested``: None -> ``$DOGBREEDS_RUNTIME`` -> ``"auto"``. ``"auto"``: among the
     entries whose package is installed and that :attr:`RuntimeEntry.passed`, the fastest
-    (int8 > bf16 > fp32; ``tf`` wins ties). A key (``"openvino-int8"``) picks that entry
-    even if its agreement failed (an explicit choice); a runtime name (``"openvino"``,
-    ``"tf"``) picks the fastest passing entry of that runtime, else its fastest entry.
+    (int8 > bf16 > fp32; ``tf`` wins ties); the ``tf`` SavedModel only with
+    ``allow_savedmodel`` (None -> ``$DOGBREEDS_ALLOW_SAVEDMODEL``). A key (``"openvino-int8"``)
+    picks that entry even if its agreement failed (an explicit choice); a runtime name
+    (``"openvino"``, ``"tf"``) picks the fastest passing entry of that runtime, else its fastest entry.
     """
     requested = (requested or os.environ.get(RUNTIME_ENV) or AUTO).strip()
     available = available or is_available
+    allow_savedmodel = savedmodel_allowed() if allow_savedmodel is None else allow_savedmodel
     all_entries = entries(runtimes)
     if not all_entries:
         raise RuntimeSelectionError("the artifact lists no runtimes")
@@ -146,14 +168,23 @@ def select(runtimes: Mapping[str, Any], requested: str | None = None, *,
         return (e.passed, e.speed, e.runtime == TF)
 
     if requested == AUTO:
+        if not allow_savedmodel:
+            all_entries = [e for e in all_entries if e.runtime != TF]
+            if not all_entries:
+                raise RuntimeSelectionError(savedmodel_refused(keys))
         usable = [e for e in all_entries if e.passed and available(e.runtime)]
         if not usable:
-            missing = sorted({RUNTIME_MODULES.get(e.runtime, e.runtime) for e in all_entries if e.passed})
+            passed = [e for e in all_entries if e.passed]
+            choose = "" if allow_savedmodel else f"; the SavedModel is served only when chosen ({ALLOW_SAVEDMODEL_ENV}=1 or --runtime tf)"
+            if not passed:
+                raise RuntimeSelectionError(
+                    f"no usable runtime: no variant of {keys} passed its agreement check at publish time; "
+                    f"choose one explicitly with --runtime <key>{choose}")
+            missing = sorted({RUNTIME_MODULES.get(e.runtime, e.runtime) for e in passed})
             raise RuntimeSelectionError(
                 f"no usable runtime: the artifact carries {keys} (usable automatically: "
-                f"{', '.join(e.key for e in all_entries if e.passed) or 'none'}), but "
-                f"{' / '.join(missing) or 'nothing'} is not installed "
-                "(pip install 'dogbreeds[worker-lite]' for OpenVINO, 'dogbreeds[worker-tf]' for TensorFlow)")
+                f"{', '.join(e.key for e in passed)}), but {' / '.join(missing)} is not installed "
+                "(pip install 'dogbreeds[worker-lite]' for OpenVINO, 'dogbreeds[worker-tf]' for TensorFlow)" + choose)
         return max(usable, key=rank)
 
     chosen = next((e for e in all_entries if e.key == requested), None)

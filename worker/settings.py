@@ -30,6 +30,11 @@ ENV = {
     "DOGBREEDS_MAX_PREFIX_KEYS": "a prefix job listing more photos than this gets the job error too_many_objects "
                                  "(default: 100000)",
     "DOGBREEDS_THREADS": "inference threads (default: the CPUs this process may use)",
+    "DOGBREEDS_ALLOW_SAVEDMODEL": "1 to let auto serve the TensorFlow SavedModel (a program: its graph can read files "
+                                  "and environment variables); default: only the data-only OpenVINO variants",
+    "DOGBREEDS_TRUSTED_KEY": "the public key artifacts must be signed with: a PEM file, an inline PEM, or "
+                             "kms://<key id, alias/name or ARN>; unset: serve unverified artifacts (with a warning)",
+    "DOGBREEDS_MODEL_DIGEST": "sha256 of the manifest.json to serve (optional pin; any other manifest is refused)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
     "DOGBREEDS_LOG_FORMAT": "auto (default: text on a terminal, JSON otherwise), json or text",
 }
@@ -53,6 +58,8 @@ class WorkerEnvironment:
     lambda_safety_ms: int = 10_000  # worker.deadline.DEFAULT_SAFETY_MS
     prefix_page_keys: int = 100  # worker.continuations.DEFAULT_PAGE_KEYS
     max_prefix_keys: int = 100_000
+    trusted_key: str | None = None
+    model_digest: str | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> "WorkerEnvironment":
@@ -71,6 +78,8 @@ class WorkerEnvironment:
             lambda_safety_ms=int(env.get("DOGBREEDS_LAMBDA_SAFETY_MS") or 10_000),
             prefix_page_keys=int(env.get("DOGBREEDS_PREFIX_PAGE_KEYS") or 100),
             max_prefix_keys=int(env.get("DOGBREEDS_MAX_PREFIX_KEYS") or 100_000),
+            trusted_key=env.get("DOGBREEDS_TRUSTED_KEY") or None,
+            model_digest=env.get("DOGBREEDS_MODEL_DIGEST") or None,
         )
 
 

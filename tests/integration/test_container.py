@@ -8,8 +8,10 @@
 (b) the poller entry point (dogbreeds-worker run --until-empty) of the same image.
 
 Two images run these tests (DOGBREEDS_CONTAINER_FLAVOUR): ``full`` (TensorFlow + OpenVINO) serves
-a TensorFlow-only model with TensorFlow; ``lite`` (the worker-lite extra, no TensorFlow in the
-image) serves a model published with its OpenVINO variants, and every manifest must say so.
+a TensorFlow-only model with TensorFlow (opted in: DOGBREEDS_ALLOW_SAVEDMODEL=1); ``lite`` (the
+worker-lite extra, no TensorFlow in the image) serves a model published with its OpenVINO variants,
+and every manifest must say so. Both serve a signed artifact, pinned by version as the template
+pins it, and verify it against the public key they are given (DOGBREEDS_TRUSTED_KEY, inline PEM).
 
 Built and run by `infra/container.sh build` / `infra/container.sh test`, which sets
 DOGBREEDS_CONTAINER_IMAGE (the image), DOGBREEDS_CONTAINER_ENGINE (podman; docker works too) and
@@ -75,10 +77,23 @@ def record_timings():
 
 
 @pytest.fixture(scope="module")
-def served_artifact(request) -> Path:
-    """The model the image serves: the TensorFlow-only colour model (full image), or the colour
-    model published with OpenVINO int8/bf16 variants (lite image: it has no TensorFlow)."""
-    return request.getfixturevalue("colour_artifact" if FLAVOUR == "full" else "fast_colour_artifact")
+def signing(tmp_path_factory) -> dict[str, Path]:
+    from trainer.signing import generate_key_pair
+
+    private, public, _ = generate_key_pair(tmp_path_factory.mktemp("signing") / "signing")
+    return {"key": private, "pub": public}
+
+
+@pytest.fixture(scope="module")
+def served_artifact(request, signing, tmp_path_factory) -> Path:
+    """The model the image serves, signed: the TensorFlow-only colour model (full image), or the
+    colour model published with OpenVINO int8/bf16 variants (lite image: it has no TensorFlow)."""
+    from trainer.signing import FileSigner, sign_artifact
+
+    source = request.getfixturevalue("colour_artifact" if FLAVOUR == "full" else "fast_colour_artifact")
+    signed = shutil.copytree(source, tmp_path_factory.mktemp("signed") / source.name)
+    sign_artifact(signed, FileSigner.from_file(signing["key"]))
+    return signed
 
 
 def clients(moto):
@@ -143,12 +158,17 @@ def queue_counts(sqs, url: str) -> tuple[int, int]:
     return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
-def worker_environment(moto, bucket: str, model: str) -> dict[str, str]:
-    """What infra/template.yaml gives the function, pointed at the moto server."""
-    return {**moto.environment(), "AWS_REGION": REGION, "DOGBREEDS_MODEL": f"s3://{bucket}/models/{model}/latest",
-            "DOGBREEDS_OUTPUT_BUCKET": bucket, "DOGBREEDS_OUTPUT_PREFIX": "manifests",
-            "DOGBREEDS_CACHE": "/tmp/dogbreeds", "POWERTOOLS_SERVICE_NAME": "dogbreeds-worker",
-            "POWERTOOLS_METRICS_NAMESPACE": "dogbreeds"}
+def worker_environment(moto, bucket: str, model: str, trusted_key: Path) -> dict[str, str]:
+    """What infra/template.yaml gives the function (a pinned model version, the trusted public key
+    as the TrustedPublicKey parameter passes it), pointed at the moto server."""
+    environment = {**moto.environment(), "AWS_REGION": REGION, "DOGBREEDS_MODEL": f"s3://{bucket}/models/{model}/v1",
+                   "DOGBREEDS_TRUSTED_KEY": " ".join(trusted_key.read_text().split()),  # a PEM on one line
+                   "DOGBREEDS_OUTPUT_BUCKET": bucket, "DOGBREEDS_OUTPUT_PREFIX": "manifests",
+                   "DOGBREEDS_CACHE": "/tmp/dogbreeds", "POWERTOOLS_SERVICE_NAME": "dogbreeds-worker",
+                   "POWERTOOLS_METRICS_NAMESPACE": "dogbreeds"}
+    if FLAVOUR == "full":  # the TensorFlow-only test model: the SavedModel is served only when allowed
+        environment["DOGBREEDS_ALLOW_SAVEDMODEL"] = "1"
+    return environment
 
 
 def engine_run(name: str, env: dict[str, str], *args: str) -> list[str]:
@@ -238,7 +258,7 @@ class EventSourceMapping:
         return self.invocations
 
 
-def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, served_artifact, tmp_path):
+def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, served_artifact, signing, tmp_path):
     bucket = "dogbreeds-lambda"
     stack, s3, sqs = deployed_stack(moto, served_artifact, bucket)
     expected = put_photos(s3, bucket, "first")
@@ -246,7 +266,7 @@ def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, served_ar
 
     rie, port, api_port = rie_binary(), free_port(), free_port()
     name = f"dogbreeds-lambda-{uuid.uuid4().hex[:8]}"
-    command = engine_run(name, worker_environment(moto, bucket, served_artifact.name),
+    command = engine_run(name, worker_environment(moto, bucket, served_artifact.name, signing["pub"]),
                          "--volume", f"{rie}:/usr/local/bin/aws-lambda-rie:ro",
                          "--entrypoint", "/usr/local/bin/aws-lambda-rie", IMAGE,
                          "--runtime-interface-emulator-address", f"127.0.0.1:{port}",
@@ -285,16 +305,17 @@ def test_lambda_entry_point_under_the_runtime_interface_emulator(moto, served_ar
     # every message deleted but the failed one, which waits (invisible) for its retry
     assert queue_counts(sqs, stack.queue_url) == (0, 1), logs[-6000:]
     assert logs.count('"model loaded"') == 1, logs[-6000:]  # one cold start for both waves
+    assert logs.count('"model signature verified"') == 1 and "unverified" not in logs, logs[-6000:]
 
 
-def test_poller_entry_point(moto, served_artifact):
+def test_poller_entry_point(moto, served_artifact, signing):
     bucket = "dogbreeds-poller"
     stack, s3, sqs = deployed_stack(moto, served_artifact, bucket, max_receive_count=2)
     expected = put_photos(s3, bucket, "batch")
     sqs.send_message(QueueUrl=stack.queue_url, MessageBody="{not json")
 
     name = f"dogbreeds-poller-{uuid.uuid4().hex[:8]}"
-    command = engine_run(name, {**worker_environment(moto, bucket, served_artifact.name),
+    command = engine_run(name, {**worker_environment(moto, bucket, served_artifact.name, signing["pub"]),
                                "DOGBREEDS_QUEUE_URL": stack.queue_url},
                          "--entrypoint", "dogbreeds-worker", IMAGE,
                          "run", "--until-empty", "--wait-seconds", "1", "--retry-delay", "0")
@@ -326,6 +347,7 @@ def test_poller_entry_point(moto, served_artifact):
         TIMINGS["poller_container_start_to_first_manifest_s"] = round(first_manifest[0], 2)
 
     assert process.returncode == 0, (out + err)[-4000:]
+    assert "model signature verified" in out + err, (out + err)[-4000:]
     summary = json.loads(err.strip().splitlines()[-1])["summary"]
     assert summary["failed"] == 2 and summary["images"] == len(expected), summary  # failed twice, then DLQ
     check_manifests(s3, bucket, expected)

@@ -26,8 +26,11 @@ pytestmark = [pytest.mark.integration,
 ACCOUNT, REGION, STACK = "123456789012", "us-east-1", "dogbreeds-smoke"
 # Template resources that moto's CloudFormation (5.x) does not create at all
 MOTO_SKIPS = {"PhotoQueuePolicy", "PhotoBucketPolicy", "DeadLetterAlarm"}
+MODEL_URI = f"s3://{STACK}-{ACCOUNT}/models/dogbreeds/20261125T212741Z"
+KMS_KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 PARAMETERS = {"FunctionTimeout": "600", "MemorySize": "4096", "BatchSize": "20", "MaximumBatchingWindowInSeconds": "10",
-              "MaximumConcurrency": "5", "LogRetentionInDays": "14"}
+              "MaximumConcurrency": "5", "LogRetentionInDays": "14", "ModelUri": MODEL_URI,
+              "TrustedKmsKeyArn": KMS_KEY}
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +92,6 @@ def test_the_function_is_the_container_image_with_the_lambda_handler(template):
     assert mapping["BatchSize"] == {"Ref": "BatchSize"}
     assert mapping["MaximumBatchingWindowInSeconds"] == {"Ref": "MaximumBatchingWindowInSeconds"}
     assert mapping["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "MaximumConcurrency"}}
-    variables = Resolver(template)(properties["Environment"]["Variables"])
-    assert variables["DOGBREEDS_MODEL"] == f"s3://dogbreeds-{ACCOUNT}/models/dogbreeds/latest"
     pinned = Resolver(template, {"ModelUri": "s3://b/models/dogbreeds/20250101T000000Z"})
     assert pinned(properties["Environment"]["Variables"])["DOGBREEDS_MODEL"] == "s3://b/models/dogbreeds/20250101T000000Z"
 
@@ -105,6 +106,78 @@ def test_the_alarm_fires_on_any_message_in_the_dead_letter_queue(template):
     with_topic = Resolver(template, {"AlarmTopicArn": "arn:aws:sns:us-east-1:1:t"}, attributes=dlq)
     assert with_topic(alarm)["AlarmActions"] == ["arn:aws:sns:us-east-1:1:t"]
     assert "AlarmActions" not in Resolver(template, attributes=dlq)(alarm)
+
+
+# ----------------------------------------------------------------------------- hardening (static)
+
+
+def test_the_bucket_blocks_public_access_encrypts_keeps_versions_and_refuses_plain_http(template):
+    resources = template["Resources"]
+    bucket = resources["PhotoBucket"]["Properties"]
+    assert bucket["PublicAccessBlockConfiguration"] == {"BlockPublicAcls": True, "BlockPublicPolicy": True,
+                                                        "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+    assert bucket["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}  # no ACLs
+    (rule,) = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms", "aws:kms:dsse")
+    assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
+    expiry = [r for r in bucket["LifecycleConfiguration"]["Rules"] if r["Status"] == "Enabled"]
+    assert any(0 < r["NoncurrentVersionExpiration"]["NoncurrentDays"] <= 365 for r in expiry)  # old versions end
+
+    resolve = Resolver(template)
+    policy = resolve(resources["PhotoBucketPolicy"]["Properties"])
+    assert policy["Bucket"] == resolve({"Ref": "PhotoBucket"})
+    arn = resolve({"Fn::GetAtt": ["PhotoBucket", "Arn"]})
+    (deny,) = [s for s in as_list(policy["PolicyDocument"]["Statement"]) if s["Effect"] == "Deny"]
+    assert deny["Principal"] == "*" and deny["Action"] == "s3:*"
+    assert sorted(as_list(deny["Resource"])) == sorted([arn, f"{arn}/*"])  # the bucket and every object
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_both_queues_are_encrypted(template):
+    queues = {k: r["Properties"] for k, r in template["Resources"].items() if r["Type"] == "AWS::SQS::Queue"}
+    assert set(queues) == {"PhotoQueue", "DeadLetterQueue"}
+    for name, queue in queues.items():
+        assert queue.get("SqsManagedSseEnabled") is True or queue.get("KmsMasterKeyId"), name
+
+
+def test_the_model_uri_is_a_pinned_version_never_latest(template):
+    """The production stack serves a named version (rolled forward and back by a parameter
+    update), never the `latest` pointer whoever can write models/ moves."""
+    import re
+
+    parameter = template["Parameters"]["ModelUri"]
+    assert "Default" not in parameter  # there is no implicit `latest`
+    pattern = re.compile(parameter["AllowedPattern"])
+    for good in ("s3://acme-photos/models/dogbreeds/20261125T212741Z", "s3://b.example/models/dogbreeds/v2",
+                 "s3://acme-photos/registry/prod/dogbreeds/2026.11.25"):
+        assert pattern.match(good), good
+    for bad in ("s3://acme-photos/models/dogbreeds/latest", "s3://acme-photos/dogbreeds", "s3://acme-photos",
+                "", "/models/dogbreeds/v1", "s3://acme-photos/models/dogbreeds/v1/", "https://x/models/d/v1"):
+        assert not pattern.match(bad), bad
+    environment = template["Resources"]["WorkerFunction"]["Properties"]["Environment"]["Variables"]
+    assert environment["DOGBREEDS_MODEL"] == {"Ref": "ModelUri"}
+    assert template["Outputs"]["ModelUri"]["Value"] == {"Ref": "ModelUri"}
+
+
+def test_the_trust_parameters_reach_the_worker(template):
+    variables = template["Resources"]["WorkerFunction"]["Properties"]["Environment"]["Variables"]
+    base = {"ModelUri": MODEL_URI}
+    plain = Resolver(template, base)(variables)
+    assert "DOGBREEDS_TRUSTED_KEY" not in plain and "DOGBREEDS_MODEL_DIGEST" not in plain
+    digest = "ab" * 32
+    key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    pem = "-----BEGIN PUBLIC KEY----- MCowBQYDK2VwAyEA2nXZp6bLwTsg2Oj6lbI0xC1Mot8SYxiQdB1m9Dsn8Qk= -----END PUBLIC KEY-----"
+    signed = Resolver(template, {**base, "TrustedKmsKeyArn": key, "ModelDigest": digest})(variables)
+    assert signed["DOGBREEDS_TRUSTED_KEY"] == f"kms://{key}" and signed["DOGBREEDS_MODEL_DIGEST"] == digest
+    assert Resolver(template, {**base, "TrustedPublicKey": pem})(variables)["DOGBREEDS_TRUSTED_KEY"] == pem
+    import re
+
+    assert re.match(template["Parameters"]["TrustedKmsKeyArn"]["AllowedPattern"], key)
+    assert not re.match(template["Parameters"]["TrustedKmsKeyArn"]["AllowedPattern"], "alias/dogbreeds")
+    assert re.match(template["Parameters"]["ModelDigest"]["AllowedPattern"], "sha256:" + digest)
+    from worker.signature import TrustPolicy
+
+    assert TrustPolicy.from_config(pem, "sha256:" + digest).key is not None  # the worker reads both forms
 
 
 # ----------------------------------------------------------------------------- moto deployment
@@ -148,8 +221,10 @@ def test_deployed_bucket_queues_and_outputs(deployed):
     timeout, window = int(PARAMETERS["FunctionTimeout"]), int(PARAMETERS["MaximumBatchingWindowInSeconds"])
     assert int(attributes["VisibilityTimeout"]) >= 6 * timeout + window
     assert attributes["SqsManagedSseEnabled"] == "true"
+    dlq_attributes = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    assert dlq_attributes["SqsManagedSseEnabled"] == "true"
     assert outputs["FunctionArn"] == f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{STACK}-worker"
-    assert outputs["ModelUri"] == f"s3://{bucket}/models/dogbreeds/latest"
+    assert outputs["ModelUri"] == MODEL_URI
 
 
 def test_deployed_function_event_source_and_role(template, deployed):
@@ -161,7 +236,7 @@ def test_deployed_function_event_source_and_role(template, deployed):
     assert function["MemorySize"] == int(PARAMETERS["MemorySize"])
     bucket = deployed["outputs"]["BucketName"]
     assert function["Environment"]["Variables"] == {
-        "DOGBREEDS_MODEL": f"s3://{bucket}/models/dogbreeds/latest", "DOGBREEDS_OUTPUT_BUCKET": bucket,
+        "DOGBREEDS_MODEL": MODEL_URI, "DOGBREEDS_TRUSTED_KEY": f"kms://{KMS_KEY}", "DOGBREEDS_OUTPUT_BUCKET": bucket,
         "DOGBREEDS_OUTPUT_PREFIX": "manifests", "DOGBREEDS_CACHE": "/tmp/dogbreeds",
         "POWERTOOLS_SERVICE_NAME": "dogbreeds-worker", "POWERTOOLS_METRICS_NAMESPACE": "dogbreeds"}
 
@@ -190,6 +265,7 @@ def test_deployed_function_event_source_and_role(template, deployed):
                        attributes={"PhotoQueue.Arn": queue_arn})
     expected = {p["PolicyName"]: resolve(p["PolicyDocument"])
                 for p in template["Resources"]["WorkerRole"]["Properties"]["Policies"]}
+    expected["worker-trusted-key"] = resolve(template["Resources"]["WorkerTrustedKeyPolicy"]["Properties"]["PolicyDocument"])
     assert deployed_policies == expected
 
 

@@ -28,7 +28,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:Tried 
 TEMPLATE = ROOT / "infra" / "poller-service.yaml"
 MAIN_TEMPLATE = ROOT / "infra" / "template.yaml"
 ACCOUNT, REGION, STACK = "123456789012", "us-east-1", "dogbreeds-poller"
+MODEL_URI = "s3://acme-dog-photos/models/dogbreeds/20260301T000000Z"
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 REQUIRED = {"BucketName": "acme-dog-photos", "QueueName": "dogbreeds-PhotoQueue-ABC", "ImageRepository": "dogbreeds-worker",
+            "ModelUri": MODEL_URI,
             "VpcId": "vpc-0123", "Subnets": "subnet-1,subnet-2"}
 QUEUE_ARN = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{REQUIRED['QueueName']}"
 PSEUDO = {"AWS::AccountId": ACCOUNT, "AWS::Region": REGION, "AWS::StackName": STACK}
@@ -125,8 +128,20 @@ def test_the_environment_points_the_poller_at_the_main_stacks_queue_bucket_and_m
     env = environment(template)
     assert env["DOGBREEDS_QUEUE_URL"] == f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{REQUIRED['QueueName']}"
     assert env["DOGBREEDS_OUTPUT_BUCKET"] == REQUIRED["BucketName"] and env["DOGBREEDS_OUTPUT_PREFIX"] == "manifests"
-    assert env["DOGBREEDS_MODEL"] == f"s3://{REQUIRED['BucketName']}/models/dogbreeds/latest"
+    assert env["DOGBREEDS_MODEL"] == MODEL_URI  # a pinned version, as in the main stack
     assert environment(template, ModelUri="s3://b/models/x/v1")["DOGBREEDS_MODEL"] == "s3://b/models/x/v1"
+    assert "Default" not in template["Parameters"]["ModelUri"]
+    main = load(MAIN_TEMPLATE)["Parameters"]
+    for name in ("ModelUri", "ModelDigest", "TrustedKmsKeyArn"):
+        assert template["Parameters"][name]["AllowedPattern"] == main[name]["AllowedPattern"], name
+    assert env["DOGBREEDS_TRUSTED_KEY"] == env["DOGBREEDS_MODEL_DIGEST"] == ""  # empty: unset to the worker
+    from worker.signature import TrustPolicy
+
+    assert TrustPolicy.from_env(env) == TrustPolicy()
+    signed = environment(template, TrustedKmsKeyArn=KMS_KEY, ModelDigest="ab" * 32)
+    assert signed["DOGBREEDS_TRUSTED_KEY"] == f"kms://{KMS_KEY}" and signed["DOGBREEDS_MODEL_DIGEST"] == "ab" * 32
+    pem = "-----BEGIN PUBLIC KEY----- MCowBQYDK2VwAyEA2nXZp6bLwTsg2Oj6lbI0xC1Mot8SYxiQdB1m9Dsn8Qk= -----END PUBLIC KEY-----"
+    assert environment(template, TrustedPublicKey=pem)["DOGBREEDS_TRUSTED_KEY"] == pem
     assert env["DOGBREEDS_CACHE"].startswith("/tmp/")
     assert {k for k in env if k.startswith("DOGBREEDS_")} <= set(ENV)  # only variables the worker reads
     # one inference thread per vCPU of the task, for every size it may have
@@ -137,35 +152,49 @@ def test_the_environment_points_the_poller_at_the_main_stacks_queue_bucket_and_m
 # ----------------------------------------------------------------------------- IAM
 
 
+def attached_statements(template, resolve, role: str) -> list[dict]:
+    """The statements of a role's inline policies and of the AWS::IAM::Policy resources attached to
+    it whose condition holds."""
+    resources = template["Resources"]
+    documents = [p["PolicyDocument"] for p in resources[role]["Properties"]["Policies"]]
+    documents += [r["Properties"]["PolicyDocument"] for r in resources.values()
+                  if r["Type"] == "AWS::IAM::Policy" and r["Properties"]["Roles"] == [{"Ref": role}]
+                  and (not r.get("Condition") or resolve.condition(r["Condition"]))]
+    return [s for d in documents for s in as_list(resolve(d)["Statement"])]
+
+
 def role_statements(template, resource: str, **parameters) -> list[dict]:
-    role = template["Resources"][resource]["Properties"]
     resolve = Resolver(template, {**REQUIRED, **parameters}, pseudo=PSEUDO, refs=REFS, attributes=ATTRIBUTES)
-    return [s for p in role["Policies"] for s in as_list(resolve(p["PolicyDocument"])["Statement"])]
+    return attached_statements(template, resolve, resource)
 
 
 def grants(statements: list[dict]) -> set[tuple]:
-    """(action, resource, condition) triples, for comparing roles."""
-    return {(action, resource, json.dumps(s.get("Condition"), sort_keys=True))
+    """(effect, action, resource, condition) tuples, for comparing roles."""
+    return {(s["Effect"], action, resource, json.dumps(s.get("Condition"), sort_keys=True))
             for s in statements for action in as_list(s["Action"]) for resource in as_list(s["Resource"])}
 
 
 CUSTOM = {"IncomingPrefix": "uploads/photos", "ModelsPrefix": "registry", "ManifestPrefix": "out/manifests"}
 
 
-@pytest.mark.parametrize("parameters", [{}, CUSTOM], ids=["default-prefixes", "custom-prefixes"])
+@pytest.mark.parametrize("parameters", [{}, CUSTOM, {"TrustedKmsKeyArn": KMS_KEY}],
+                         ids=["default-prefixes", "custom-prefixes", "kms"])
 def test_the_task_role_has_the_lambda_roles_boundaries_plus_changing_visibility(template, parameters):
     main = load(MAIN_TEMPLATE)
-    lambda_role = main["Resources"]["WorkerRole"]["Properties"]
-    resolve_main = Resolver(main, {"BucketName": REQUIRED["BucketName"], **parameters}, pseudo=PSEUDO,
-                            refs={"WorkerLogGroup": "/aws/lambda/x"}, attributes={"PhotoQueue.Arn": QUEUE_ARN})
-    lambda_grants = grants([s for p in lambda_role["Policies"] for s in as_list(resolve_main(p["PolicyDocument"])["Statement"])])
+    resolve_main = Resolver(main, {"BucketName": REQUIRED["BucketName"], "ModelUri": MODEL_URI, **parameters},
+                            pseudo=PSEUDO, refs={"WorkerLogGroup": "/aws/lambda/x", "WorkerRole": "worker-role"},
+                            attributes={"PhotoQueue.Arn": QUEUE_ARN})
+    lambda_grants = grants(attached_statements(main, resolve_main, "WorkerRole"))
     task_grants = grants(role_statements(template, "TaskRole", **parameters))
-    s3 = {g for g in lambda_grants if g[0].startswith("s3:")}
-    assert {g for g in task_grants if g[0].startswith("s3:")} == s3  # the same photos, models and manifests
-    sqs = {g for g in lambda_grants if g[0].startswith("sqs:")}
-    assert {g for g in task_grants if g[0].startswith("sqs:")} == sqs | {("sqs:ChangeMessageVisibility", QUEUE_ARN, "null")}
+    for service in ("s3", "kms"):  # the same photos, served model, manifests, models deny, signing key
+        assert {g for g in task_grants if g[1].startswith(service + ":")} == {
+            g for g in lambda_grants if g[1].startswith(service + ":")}, service
+    sqs = {g for g in lambda_grants if g[1].startswith("sqs:")}
+    assert {g for g in task_grants if g[1].startswith("sqs:")} == sqs | {
+        ("Allow", "sqs:ChangeMessageVisibility", QUEUE_ARN, "null")}
     # nothing else (its logs go through the awslogs driver, with the execution role)
-    assert {g[0].split(":")[0] for g in task_grants} == {"s3", "sqs"}
+    assert {g[1].split(":")[0] for g in task_grants} == {"s3", "sqs"} | ({"kms"} if parameters.get("TrustedKmsKeyArn")
+                                                                        else set())
     trust = template["Resources"]["TaskRole"]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
     assert [s["Principal"] for s in trust] == [{"Service": "ecs-tasks.amazonaws.com"}]
     assert resolver(template)(trust)[0]["Condition"] == {"StringEquals": {"aws:SourceAccount": ACCOUNT}}
@@ -192,6 +221,7 @@ def test_moto_policy_evaluation_of_the_task_role(template):
     role = template["Resources"]["TaskRole"]["Properties"]
     resolve = resolver(template)
     policies = [IAMPolicy(json.dumps(resolve(p["PolicyDocument"]))) for p in role["Policies"]]
+    served = "arn:aws:s3:::" + MODEL_URI.removeprefix("s3://")
 
     def allowed(action: str, resource: str) -> bool:
         results = [p.is_action_permitted(action, resource) for p in policies]
@@ -200,7 +230,10 @@ def test_moto_policy_evaluation_of_the_task_role(template):
     bucket = f"arn:aws:s3:::{REQUIRED['BucketName']}"
     cases = [
         ("s3:GetObject", f"{bucket}/incoming/Samoyed 1.jpg", True),
-        ("s3:GetObject", f"{bucket}/models/dogbreeds/latest", True),
+        ("s3:GetObject", f"{served}/model-openvino-int8/model.bin", True),
+        ("s3:GetObject", f"{bucket}/models/dogbreeds/latest", False),  # the served version is pinned
+        ("s3:PutObject", f"{served}/manifest.json", False),
+        ("s3:DeleteObject", f"{served}/manifest.json", False),
         ("s3:PutObject", f"{bucket}/manifests/0f3a.json", True),
         ("sqs:ReceiveMessage", QUEUE_ARN, True),
         ("sqs:DeleteMessage", QUEUE_ARN, True),
@@ -218,6 +251,13 @@ def test_moto_policy_evaluation_of_the_task_role(template):
     ]
     wrong = [case for case in cases if allowed(case[0], case[1]) != case[2]]
     assert not wrong, wrong
+    # the explicit Deny wins over an Allow: manifests configured under the model registry are not written
+    documents = [resolver(template, ManifestPrefix="models/manifests")(p["PolicyDocument"]) for p in role["Policies"]]
+    policies = [IAMPolicy(json.dumps(d)) for d in documents]
+    assert not allowed("s3:PutObject", f"{bucket}/models/manifests/0f3a.json")
+    policies = [IAMPolicy(json.dumps({**d, "Statement": [s for s in as_list(d["Statement"]) if s["Effect"] == "Allow"]}))
+                for d in documents]
+    assert allowed("s3:PutObject", f"{bucket}/models/manifests/0f3a.json")  # it is the Deny that refuses it
 
 
 # ----------------------------------------------------------------------------- scaling, stop, logs
@@ -288,7 +328,7 @@ def test_moto_deploys_the_service_and_takes_its_scaling_policy(template, moto_se
     ec2, cfn = boto3.client("ec2"), boto3.client("cloudformation")
     vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24")["Subnet"]["SubnetId"]
-    parameters = {**REQUIRED, "VpcId": vpc, "Subnets": subnet}
+    parameters = {**REQUIRED, "VpcId": vpc, "Subnets": subnet, "TrustedKmsKeyArn": KMS_KEY}
     stack_id = cfn.create_stack(StackName=STACK, TemplateBody=json.dumps(template), Capabilities=["CAPABILITY_IAM"],
                                 Parameters=[{"ParameterKey": k, "ParameterValue": v}
                                             for k, v in parameters.items()])["StackId"]
@@ -310,8 +350,11 @@ def test_moto_deploys_the_service_and_takes_its_scaling_policy(template, moto_se
     assert poller["stopTimeout"] == 120 and poller["linuxParameters"] == {"initProcessEnabled": True}
     assert poller["logConfiguration"] == {"logDriver": "awslogs", "options": {
         "awslogs-group": outputs["LogGroupName"], "awslogs-region": REGION, "awslogs-stream-prefix": "poller"}}
-    assert {e["name"]: e["value"] for e in poller["environment"]}["DOGBREEDS_QUEUE_URL"].endswith(
-        f"/{ACCOUNT}/{REQUIRED['QueueName']}")
+    deployed_environment = {e["name"]: e["value"] for e in poller["environment"]}
+    assert deployed_environment["DOGBREEDS_QUEUE_URL"].endswith(f"/{ACCOUNT}/{REQUIRED['QueueName']}")
+    assert deployed_environment["DOGBREEDS_MODEL"] == MODEL_URI
+    assert deployed_environment["DOGBREEDS_TRUSTED_KEY"] == f"kms://{KMS_KEY}"
+    assert not deployed_environment.get("DOGBREEDS_MODEL_DIGEST")
 
     # what moto's CloudFormation skips, put through the API with the template's own properties
     autoscaling = boto3.client("application-autoscaling")
@@ -372,6 +415,7 @@ def test_the_containers_command_drains_a_queue_and_stops_cleanly_on_sigterm(temp
     assert process.returncode == 0, err[-2000:]
     assert stop_seconds < int(poller["StopTimeout"])
     assert "stop requested" in out + err
+    assert "serving an unverified model" in out + err  # no trusted key in the template's defaults
     attributes = sqs.get_queue_attributes(QueueUrl=stack.queue_url, AttributeNames=[
         "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
     assert int(attributes["ApproximateNumberOfMessagesNotVisible"]) == 0  # nothing left hidden in flight

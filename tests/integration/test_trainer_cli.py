@@ -59,32 +59,52 @@ def test_evaluate_command_recomputes_the_same_metrics(fitted_run):
 
 def test_publish_then_predict_serves_the_same_predictions_as_training(fitted_run, tmp_path, moto_server):
     run_dir, _ = fitted_run
+    keygen = CliRunner().invoke(train_cli, ["keygen", str(tmp_path / "keys" / "signing")], catch_exceptions=False)
+    assert keygen.exit_code == 0 and "key id sha256:" in keygen.output, keygen.output
+    private, public = tmp_path / "keys" / "signing.key", tmp_path / "keys" / "signing.pub"
+    CliRunner().invoke(train_cli, ["keygen", str(tmp_path / "keys" / "other")], catch_exceptions=False)
     result = CliRunner().invoke(train_cli, ["publish", str(run_dir), "--to", str(tmp_path / "models"),
-                                            "--name", "breeds3"], catch_exceptions=False)
+                                            "--name", "breeds3", "--sign-key", str(private)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert "signed by sha256:" in result.output
     versions = [p for p in (tmp_path / "models" / "breeds3").iterdir() if p.is_dir()]
     artifact_dir = versions[0]
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
     assert manifest["weights"]["imagenet"] and manifest["preprocessing"] == "vgg"
     assert "plots/curves.png" in manifest["files"] and "Caveats" in (artifact_dir / "README.md").read_text()
+    signature = (artifact_dir / "manifest.sig").read_text()
+    assert "manifest.sig" not in manifest["files"] and "PRIVATE" not in signature
+    assert private.read_text().strip() not in signature
 
     # The artifact (preprocessing + backbone + head in one SavedModel) agrees with the training-time
     # evaluation (head on cached features): no train/serve skew.
     test_photos = json.loads((run_dir / "split.json").read_text())["test"]
     expected = json.loads((run_dir / "evaluation.json").read_text())
     out = CliRunner().invoke(worker_cli, ["predict", "--model", str(tmp_path / "models" / "breeds3"), "--json",
-                                          *[str(SAMPLES / p) for p in test_photos]], catch_exceptions=False)
-    rows = [json.loads(line) for line in out.output.splitlines() if line.startswith("{")]
+                                          "--trusted-key", str(public), *[str(SAMPLES / p) for p in test_photos]],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     correct = sum(r["synset"] == Path(r["path"]).parent.name.split("-")[0] for r in rows)
     assert correct / len(rows) == pytest.approx(expected["top1"], abs=1 / 18 + 1e-9)
+
+    refused = CliRunner().invoke(worker_cli, ["predict", "--model", str(tmp_path / "models" / "breeds3"),
+                                              "--trusted-key", str(tmp_path / "keys" / "other.pub"),
+                                              str(SAMPLES / test_photos[0])])
+    assert refused.exit_code == 1 and "[other_key]" in refused.output
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="models")
     result = CliRunner().invoke(train_cli, ["publish", str(run_dir), "--to", "s3://models/registry", "--name",
-                                            "breeds3"], catch_exceptions=False)
+                                            "breeds3", "--sign-key", str(private)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     latest = s3.get_object(Bucket="models", Key="registry/breeds3/latest")["Body"].read().decode()
     assert s3.head_object(Bucket="models", Key=f"registry/breeds3/{latest}/manifest.json")
+    assert s3.head_object(Bucket="models", Key=f"registry/breeds3/{latest}/manifest.sig")
+    served = CliRunner().invoke(worker_cli, ["predict", "--model", f"s3://models/registry/breeds3/{latest}", "--json",
+                                             "--trusted-key", str(public), str(SAMPLES / test_photos[0])],
+                                catch_exceptions=False)
+    assert served.exit_code == 0 and '"status": "ok"' in served.output, served.output
 
 
 def test_analyze_writes_report_and_plots(tmp_path):

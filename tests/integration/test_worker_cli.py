@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import boto3
@@ -26,7 +27,7 @@ def test_predict_prints_a_table_and_reports_bad_files_without_crashing(tmp_path,
     folder = photos_folder(tmp_path)
     result = CliRunner().invoke(main, ["predict", "--model", str(colour_artifact), str(folder)])
     assert result.exit_code == 0, result.output
-    lines = {line.split()[0].rsplit("/", 1)[-1]: line for line in result.output.splitlines()[1:] if line.strip()}
+    lines = {line.split()[0].rsplit("/", 1)[-1]: line for line in result.stdout.splitlines()[1:] if line.strip()}
     assert "Chihuahua" in lines["n02085620-Chihuahua.jpg"] and "beagle" in lines["n02088364-beagle.jpg"]
     assert "Samoyed" in lines["samoyed.png"]
     assert "ERROR" in lines["broken.jpg"] and "readme.txt" not in lines
@@ -37,7 +38,7 @@ def test_predict_json_lines_with_top_k(tmp_path, colour_artifact):
     result = CliRunner().invoke(main, ["predict", "--model", str(colour_artifact), "--json", "--top-k", "2",
                                        str(folder / "n02111889-Samoyed.jpg"), str(folder / "broken.jpg"),
                                        str(folder / "missing.jpg")])
-    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert rows[0]["breed"] == "Samoyed" and rows[0]["synset"] == "n02111889" and len(rows[0]["top_k"]) == 2
     assert rows[0]["top_k"][0]["score"] >= rows[0]["top_k"][1]["score"]
     assert rows[1]["status"] == "error" and rows[1]["error_code"] in ("truncated", "corrupt")
@@ -54,7 +55,8 @@ def test_classify_a_local_folder_writes_one_manifest(tmp_path, colour_artifact):
     by_key = {item["key"]: item for item in doc["items"]}
     assert by_key["sub/samoyed.png"]["breed"] == "Samoyed"
     assert by_key["broken.jpg"]["status"] == "error"
-    assert doc["model"] == {"name": "colours", "version": "v1", "runtime": "tf"}
+    digest = hashlib.sha256((colour_artifact / "manifest.json").read_bytes()).hexdigest()
+    assert doc["model"] == {"name": "colours", "version": "v1", "runtime": "tf", "manifest_sha256": digest}
 
 
 def test_classify_an_s3_prefix_writes_the_manifest_to_s3(moto_server, colour_artifact):

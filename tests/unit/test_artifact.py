@@ -150,7 +150,7 @@ def test_write_verify_load_roundtrip(built):
         "index": 2, "synset": "n02089078", "breed": "black-and-tan coonhound",
         "folder": "n02089078-black-and-tan_coonhound"}
 
-    loaded = load_artifact(str(path))
+    loaded = load_artifact(str(path), runtime="tf")  # a TF-only artifact: chosen explicitly
     assert loaded.labels == _labels() and loaded.manifest == manifest
     probs = loaded.predict(_batch())
     assert probs.shape == (5, 3) and probs.dtype == np.float32
@@ -306,7 +306,7 @@ def test_s3_upload_resolve_load_and_cache(built, aws, tmp_path):
     file_gets = [k for k in gets if not k.endswith(("/latest", "/manifest.json"))]
     assert sorted(file_gets) == sorted(prefix + f for f in manifest.files)
 
-    loaded = load_artifact(f"s3://{BUCKET}/models/{NAME}/latest", s3=s3, cache_dir=cache)
+    loaded = load_artifact(f"s3://{BUCKET}/models/{NAME}/latest", s3=s3, cache_dir=cache, runtime="tf")
     assert loaded.path == local
     np.testing.assert_allclose(loaded.predict(_batch()), expected, atol=1e-5)
 

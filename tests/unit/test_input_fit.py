@@ -59,7 +59,7 @@ def test_cli_predict_resizes_with_the_artifact_fit(artifacts, tmp_path):
     for fit, path in artifacts.items():
         result = CliRunner().invoke(main, ["predict", "--model", str(path), "--json", str(photo)])
         assert result.exit_code == 0, result.output
-        breeds[fit] = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))["breed"]
+        breeds[fit] = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))["breed"]
     assert breeds == {"crop": "Samoyed", "squash": "Chihuahua"}
 
 

@@ -44,29 +44,54 @@ def only(*names):
 # --------------------------------------------------------------------------- selection
 
 
-def test_old_manifest_selects_tf(monkeypatch):
+def test_old_manifest_selects_tf_only_when_the_savedmodel_is_allowed(monkeypatch):
     monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
-    entry = select(TF_ONLY, available=everything)
+    entry = select(TF_ONLY, available=everything, allow_savedmodel=True)
     assert (entry.key, entry.runtime, entry.path, entry.precision) == ("tf", "tf", "model", "fp32")
+    assert select(TF_ONLY, "tf", available=everything).key == "tf"  # asking for it by name is an opt-in too
+
+
+def test_auto_serves_no_savedmodel_by_default(monkeypatch):
+    """A SavedModel is a program: auto serves the data-only variants, and a TF-only artifact is a
+    clear refusal that says how to publish the variants or how to opt in."""
+    monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
+    monkeypatch.delenv(runtimes.ALLOW_SAVEDMODEL_ENV, raising=False)
+    with pytest.raises(RuntimeSelectionError) as refused:
+        select(TF_ONLY, available=everything)
+    message = str(refused.value)
+    assert "no data-only model" in message and "OpenVINO" in message and "--tf-only" in message
+    assert "DOGBREEDS_ALLOW_SAVEDMODEL=1" in message and "--runtime tf" in message
+    # variants that failed their agreement check, or an OpenVINO that is not installed: still no SavedModel
+    with pytest.raises(RuntimeSelectionError, match="passed its agreement check"):
+        select(_all(int8_passed=False, bf16_passed=False), available=everything)
+    with pytest.raises(RuntimeSelectionError, match="openvino is not installed"):
+        select(_all(), available=only("tf"))
+    for value in ("1", "true", "yes"):
+        monkeypatch.setenv(runtimes.ALLOW_SAVEDMODEL_ENV, value)
+        assert select(TF_ONLY, available=everything).key == "tf"
+    monkeypatch.setenv(runtimes.ALLOW_SAVEDMODEL_ENV, "0")
+    with pytest.raises(RuntimeSelectionError, match="no data-only model"):
+        select(TF_ONLY, available=everything)
+    assert select(_all(), available=everything).key == "openvino-int8"
 
 
 def test_auto_picks_the_fastest_variant_that_passed(monkeypatch):
     monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
     assert select(_all(), available=everything).key == "openvino-int8"
     assert select(_all(int8_passed=False), available=everything).key == "openvino-bf16"
-    assert select(_all(int8_passed=False, bf16_passed=False), available=everything).key == "tf"
+    assert select(_all(int8_passed=False, bf16_passed=False), available=everything, allow_savedmodel=True).key == "tf"
     # an entry without a recorded agreement is never chosen automatically
     unmeasured = {**TF_ONLY, "openvino-int8": {"runtime": "openvino", "path": "x/model.xml", "precision": "int8"}}
-    assert select(unmeasured, available=everything).key == "tf"
+    assert select(unmeasured, available=everything, allow_savedmodel=True).key == "tf"
 
 
 def test_auto_only_considers_installed_runtimes(monkeypatch):
     monkeypatch.delenv(runtimes.RUNTIME_ENV, raising=False)
-    assert select(_all(), available=only("tf")).key == "tf"  # worker-tf install: no openvino
+    assert select(_all(), available=only("tf"), allow_savedmodel=True).key == "tf"  # worker-tf install: no openvino
     assert select(_all(), available=only("openvino")).key == "openvino-int8"  # worker-lite: no tensorflow
     assert select(_all(int8_passed=False), available=only("openvino")).key == "openvino-bf16"
     with pytest.raises(RuntimeSelectionError, match="worker-lite"):
-        select(TF_ONLY, available=only("openvino"))
+        select(TF_ONLY, available=only("openvino"), allow_savedmodel=True)
 
 
 def test_explicit_choices(monkeypatch):
@@ -289,10 +314,11 @@ def test_cli_predict_runtime_option(fast_colour_artifact, tmp_path):
     result = CliRunner().invoke(main, ["predict", "--model", str(fast_colour_artifact), "--runtime", "openvino-int8", "--json",
                                        str(tmp_path)])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["breed"] for r in rows] == [f.split("-", 1)[1] for f in COLOUR_BREEDS]
     bad = CliRunner().invoke(main, ["predict", "--model", str(fast_colour_artifact), "--runtime", "onnx", str(tmp_path)])
-    assert bad.exit_code != 0 and "not in this artifact" in str(bad.exception)
+    assert bad.exit_code == 1 and "not in this artifact" in bad.output  # a one-line refusal, not a traceback
+    assert "Traceback" not in bad.output
 
 
 BLOCK_TENSORFLOW = """
