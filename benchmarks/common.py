@@ -1,5 +1,5 @@
-"""What the benchmarks share: the photos, the default model, CPU pinning, and the child processes that
-measure a bare model and the whole worker.
+"""What the benchmarks share: the photos, the default model, the local S3/SQS stack, CPU pinning, table
+printing, and the child processes that measure a bare model and the whole worker.
 
 Children (each a fresh process, so one runtime's threads and memory never leak into another's figure):
 
@@ -18,6 +18,9 @@ pollers then starts draining together, each with its model already loaded.
 CPU pinning (:func:`pin_plan`): the local S3/SQS server on one core, the worker (and the bare model it
 is compared with) on another, so that on a small machine ``e2e / bare`` measures the worker's own
 overhead on the same core budget instead of the server's share of it.
+
+One module (about 650 lines) so that a benchmark imports its set-up from one place; the sections
+(pinning, photos, tables, the local stack, the children) do not import one another's internals.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,12 +251,76 @@ def labelled_photos(root: Path, folders: list[str], *, manifest: Path | None = N
     return out
 
 
+def test_photos(folders: list[str]) -> list[tuple[Path, int]]:
+    """(photo, class index) of the held-out sample photos plus the subset's official test
+    photos of the model's breeds, without duplicates (by sha256)."""
+    seen: set[str] = set()
+    out = labelled_photos(SAMPLES / "photos", folders, manifest=SAMPLES / "MANIFEST.tsv", split="test", seen=seen)
+    if (SUBSET / "MANIFEST.tsv").is_file():
+        out += labelled_photos(SUBSET, folders, split="test", seen=seen)
+    return out
+
+
 def decode(paths, size, fit):
     import numpy as np
 
     from worker import images
 
     return np.stack([images.read_image_file(p, size=size, fit=fit) for p in paths])
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a printed table: ``value`` is a row key or a function of the row; ``spec`` a
+    format spec; a missing value (None) prints as ``-``."""
+
+    header: str
+    width: int
+    value: str | Callable[[dict], object]
+    spec: str = ""
+    left: bool = False
+
+    def cell(self, text: str) -> str:
+        return f"{text:<{self.width}}" if self.left else f"{text:>{self.width}}"
+
+    def format(self, row: dict) -> str:
+        value = self.value(row) if callable(self.value) else row.get(self.value)
+        return self.cell("-" if value is None else format(value, self.spec))
+
+
+def print_table(columns: list[Column], rows: Iterable[dict]) -> None:
+    """A header line, then one line per row, the columns separated by one space."""
+    print(" ".join(c.cell(c.header) for c in columns))
+    for row in rows:
+        print(" ".join(c.format(row) for c in columns))
+
+
+# --------------------------------------------------------------------------- the local S3/SQS stack
+
+
+@contextmanager
+def local_server():
+    """moto's S3/SQS server as a child process on 127.0.0.1 (``infra.local_stack.MotoServer``), with
+    this process's AWS environment (endpoint, region, test credentials) pointed at it."""
+    from infra.local_stack import MotoServer
+
+    with MotoServer() as server:
+        os.environ.update(server.environment())
+        yield server
+
+
+def new_stack(bucket: str, queue: str | None = None, **options):
+    """A fresh bucket, queue and DLQ on the server the environment points at: ``(s3, sqs, stack)``
+    (``options`` go to ``infra.local_stack.create_stack``)."""
+    import boto3
+
+    from infra.local_stack import create_stack
+
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    return s3, sqs, create_stack(s3, sqs, bucket=bucket, queue=queue or bucket, **options)
 
 
 # --------------------------------------------------------------------------- the default model
@@ -532,12 +600,7 @@ def end_to_end(server, model: str, runtime: str, batch: int, photos: list[Path],
                worker_cpus: Iterable[int] | None = None) -> dict:
     """``dogbreeds-worker run --until-empty`` over ``photos`` on a fresh stack of the moto ``server``;
     ``worker_cpus`` pins the worker (and sizes its thread pools) to those CPUs."""
-    import boto3
-
-    from infra.local_stack import create_stack
-
-    s3, sqs = boto3.client("s3"), boto3.client("sqs")
-    stack = create_stack(s3, sqs, bucket=f"bench-{run_id}", queue=f"bench-{run_id}")
+    s3, sqs, stack = new_stack(f"bench-{run_id}")
     keys, expected_messages = fill_queue(s3, sqs, stack, photos, mode, job_size)
     argv = ["run", "--model", model, "--queue-url", stack.queue_url, "--until-empty", "--wait-seconds", "1",
             "--batch-size", str(batch), "--runtime", runtime, "--output-prefix", "manifests", *worker_args]

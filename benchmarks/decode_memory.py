@@ -50,14 +50,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import local_server, log, new_stack  # noqa: E402
+
 SIDE = 8000  # 8000 x 8000 = 64,000,000 pixels: exactly the default DecodeLimits.max_pixels
 BEFORE_REVISION = "32b2570"  # the last commit with the numpy alpha blend (worker/images.py)
 MODEL_INPUT = 224
 BREEDS = 120
-
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- worst-case photos
@@ -295,12 +293,7 @@ def default_model(work: Path) -> str:
 
 
 def end_to_end(server, model: str, paths: list[Path], run_id: str, budget: int | None, runtime: str) -> dict:
-    import boto3
-
-    from infra.local_stack import create_stack
-
-    s3, sqs = boto3.client("s3"), boto3.client("sqs")
-    stack = create_stack(s3, sqs, bucket=f"decode-{run_id}", queue=f"decode-{run_id}")
+    s3, sqs, stack = new_stack(f"decode-{run_id}")
     keys = []
     for i, path in enumerate(paths):
         key = f"photos/{i:02d}-{path.name}"  # outside incoming/: no S3 notifications, one job message
@@ -388,11 +381,8 @@ def main() -> None:
 
         e2e = []
         if not args.no_e2e:
-            from infra.local_stack import MotoServer
-
             model = args.model or default_model(work)
-            with MotoServer() as server:
-                os.environ.update(server.environment())
+            with local_server() as server:
                 for batch_name in args.batches.split(","):
                     if batch_name == SAMPLES:
                         batch = sorted((ROOT / "samples" / "photos").rglob("*.jpg"))[:args.photos]

@@ -56,8 +56,10 @@ from benchmarks.common import (  # noqa: E402
     default_model,
     fill_queue,
     loadavg,
+    local_server,
     log,
     manifest_items,
+    new_stack,
     parse_result,
     repeat_to,
     sample_photos,
@@ -125,13 +127,8 @@ def drain_count(sqs, queue_url: str) -> int:
 
 
 def run_fleet(server, model: str, photos: list[Path], pollers: int, threads: int, args, work: Path) -> dict:
-    import boto3
-
-    from infra.local_stack import create_stack
-
-    s3, sqs = boto3.client("s3"), boto3.client("sqs")
     run_id = f"fleet-{pollers}-{int(time.time())}"
-    stack = create_stack(s3, sqs, bucket=run_id, queue=run_id, max_receive_count=args.max_receive_count)
+    s3, sqs, stack = new_stack(run_id, max_receive_count=args.max_receive_count)
     s3.put_bucket_versioning(Bucket=stack.bucket, VersioningConfiguration={"Status": "Enabled"})
     keys, messages = fill_queue(s3, sqs, stack, photos, "events")
     log(f"{pollers} poller(s), {threads} thread(s) each: {len(keys)} photos, {messages} messages queued; "
@@ -240,10 +237,7 @@ def main() -> None:
     photos = repeat_to(sample_photos(), args.photos)
     cpus = len(os.sched_getaffinity(0))
     rows = []
-    from infra.local_stack import MotoServer
-
-    with MotoServer() as server:
-        os.environ.update(server.environment())
+    with local_server() as server:
         for n in (int(p) for p in args.pollers.split(",")):
             threads = max(1, cpus // n) if args.threads == "auto" else int(args.threads)
             rows.append(run_fleet(server, model, photos, n, threads, args, work / "fleet"))

@@ -33,10 +33,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import throughput  # noqa: E402  (sibling benchmark: photos, default model, logging)
-
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_MODEL_NAME,
+    Column,
+    decode,
+    default_model,
+    loadavg,
+    log,
+    print_table,
+    test_photos,
+)
 from trainer import fast_runtimes  # noqa: E402
 
 BATCH = 16
@@ -57,7 +64,7 @@ def calibration_photos(path: Path, manifest, size, fit) -> np.ndarray:
     missing = [p for p in photos if not p.is_file()]
     if not photos or missing:
         sys.exit(f"the artifact's training photos are not readable under {data} ({len(missing)} missing)")
-    return throughput.decode(photos, size, fit)
+    return decode(photos, size, fit)
 
 
 def main() -> None:
@@ -77,13 +84,13 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    path = resolve_artifact(args.model or throughput.default_model(work))
+    path = resolve_artifact(args.model or default_model(work, DEFAULT_MODEL_NAME))
     manifest = read_manifest(path)
     size, fit = tuple(manifest.input_size), manifest.input_fit
-    tests = throughput.test_photos([label.folder for label in read_labels(path)])
+    tests = test_photos([label.folder for label in read_labels(path)])
     labels = np.array([label for _, label in tests])
-    throughput.log(f"{len(tests)} test photos, load average {throughput.loadavg()}")
-    x = throughput.decode([p for p, _ in tests], size, fit)
+    log(f"{len(tests)} test photos, load average {loadavg()}")
+    x = decode([p for p, _ in tests], size, fit)
     calibration = calibration_photos(path, manifest, size, fit)[:fast_runtimes.MAX_CALIBRATION]
     num_classes = manifest.num_classes
 
@@ -99,7 +106,7 @@ def main() -> None:
         tmp = Path(scratch)
         for setting in args.keep_float:
             keep = () if setting == "none" else tuple(setting.split(","))
-            throughput.log(f"quantising with keep_float={keep or '()'}")
+            log(f"quantising with keep_float={keep or '()'}")
             started = time.perf_counter()
             quantized = fast_runtimes.quantize_int8(ov.convert_model(str(path / "model")), calibration, keep_float=keep)
             quantize_s = time.perf_counter() - started
@@ -119,20 +126,18 @@ def main() -> None:
                          "fallback_margin": margin, "fallback_rate": round(cascade.fallbacks / max(1, cascade.calls), 4),
                          "int8_img_s": round(img_s, 2), "tf_fp32_img_s": round(tf_img_s, 2),
                          "quantize_s": round(quantize_s, 1), "calibration_photos": int(len(calibration)),
-                         "loadavg": throughput.loadavg()})
-            throughput.log(f"  {rows[-1]}")
+                         "loadavg": loadavg()})
+            log(f"  {rows[-1]}")
     if args.json:
         print(json.dumps(rows, indent=1))
         return
     print(f"model: {path} ({manifest.name} {manifest.version}); {len(tests)} test photos; "
           f"TF fp32 {tf_img_s:.2f} images/s at batch {BATCH}")
-    print(f"{'keep in float':<16} {'agreement':>9} {'flipped':>7} {'fp32 top-1':>10} {'int8 top-1':>10} "
-          f"{'cascade agr.':>12} {'re-run':>7} {'int8 img/s':>10} {'quantise s':>10}")
-    for r in rows:
-        print(f"{r['keep_float']:<16} {r['top1_agreement']:>9.2%} {r['flipped']:>7} {r['fp32_top1']:>10.2%} "
-              f"{r['top1']:>10.2%} {r['cascade_top1_agreement']:>12.2%} {r['fallback_rate']:>7.1%} "
-              f"{r['int8_img_s']:>10.2f} {r['quantize_s']:>10.1f}")
-
+    print_table([Column("keep in float", 16, "keep_float", left=True), Column("agreement", 9, "top1_agreement", ".2%"),
+                 Column("flipped", 7, "flipped"), Column("fp32 top-1", 10, "fp32_top1", ".2%"),
+                 Column("int8 top-1", 10, "top1", ".2%"), Column("cascade agr.", 12, "cascade_top1_agreement", ".2%"),
+                 Column("re-run", 7, "fallback_rate", ".1%"), Column("int8 img/s", 10, "int8_img_s", ".2f"),
+                 Column("quantise s", 10, "quantize_s", ".1f")], rows)
 
 if __name__ == "__main__":
     main()

@@ -56,34 +56,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    SAMPLES,
-    SUBSET,
+    Column,
     end_to_end,
-    labelled_photos,
     loadavg,
+    local_server,
     log,
     machine_pin_plan,
     pin_process,
     pinned_environment,
+    print_table,
     process_cpus,
     repeat_to,
     run_child,
     sample_photos,
+    test_photos,
 )
 from benchmarks.common import default_model as demo_model  # noqa: E402
 
 MODEL_NAME = "bench-breeds"
 PINNINGS = {"both": (False, True), "only": (True,), "off": (False,)}
-
-
-def test_photos(folders: list[str]) -> list[tuple[Path, int]]:
-    """(photo, class index) of the held-out sample photos plus the subset's official test
-    photos of the model's breeds, without duplicates (by sha256)."""
-    seen: set[str] = set()
-    out = labelled_photos(SAMPLES / "photos", folders, manifest=SAMPLES / "MANIFEST.tsv", split="test", seen=seen)
-    if (SUBSET / "MANIFEST.tsv").is_file():
-        out += labelled_photos(SUBSET, folders, split="test", seen=seen)
-    return out
 
 
 def main() -> None:
@@ -163,13 +154,10 @@ def main() -> None:
     if not args.no_e2e:
         from latency_proxy import LatencyProxy
 
-        from infra.local_stack import MotoServer
-
         photos = repeat_to(sample_photos(), args.photos)
         modes = ["events", "jobs"] if args.mode == "both" else [args.mode]
         everywhere = os.sched_getaffinity(0)
-        with MotoServer() as server, LatencyProxy("127.0.0.1", server.port, args.latency_ms / 1000) as proxy:
-            os.environ.update(server.environment())
+        with local_server() as server, LatencyProxy("127.0.0.1", server.port, args.latency_ms / 1000) as proxy:
             worker_endpoint = proxy.endpoint if args.latency_ms > 0 else None
             for pinned in pinnings:
                 # moto, this script and its proxy threads on the server's core; the worker on its own
@@ -238,10 +226,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print_table(rows, model=model, path=path)
+        print_report(rows, model=model, path=path)
 
 
-def print_table(rows: list[dict], *, model: str, path: Path) -> None:
+def print_report(rows: list[dict], *, model: str, path: Path) -> None:
     def fmt(v, spec=""):
         return "-" if v is None else format(v, spec)
 
@@ -272,10 +260,10 @@ def print_table(rows: list[dict], *, model: str, path: Path) -> None:
               f"{'met' if min(pinned_ratios) >= 0.9 else 'NOT MET'} (lowest {min(pinned_ratios):.3f})")
     agreement = [r for r in rows if "top1_agreement" in r]
     if agreement:
-        print(f"\n{'runtime':<15} {'prec':<5} {'photos':>6} {'top-1 agreement':>15} {'fp32 top-1':>10} {'top-1':>7}")
-        for r in agreement:
-            print(f"{r['runtime_key']:<15} {r['precision']:<5} {r['photos']:>6} {r['top1_agreement']:>15.2%} "
-                  f"{r['fp32_top1']:>10.2%} {r['top1']:>7.2%}")
+        print()
+        print_table([Column("runtime", 15, "runtime_key", left=True), Column("prec", 5, "precision", left=True),
+                     Column("photos", 6, "photos"), Column("top-1 agreement", 15, "top1_agreement", ".2%"),
+                     Column("fp32 top-1", 10, "fp32_top1", ".2%"), Column("top-1", 7, "top1", ".2%")], agreement)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ def data_options(command):
                      help="Model input size (320 chosen by cross-validation against 224 for ImageNet backbones; "
                           "smaller makes scratch models affordable)."),
         click.option("--fit", "image_fit", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
-                     help="How a photo becomes image-size x image-size: crop (aspect kept, the centre cut out; "
-                          "+2.8 points top-1 measured on 11 breeds) or squash (the whole photo, distorted, as the "
+                     help="How a photo becomes image-size x image-size: crop (aspect kept, the centre cut out; the "
+                          "README's accuracy benchmark compares both) or squash (the whole photo, distorted, as the "
                           "original design). Recorded in the artifact; the worker resizes the same way."),
         click.option("--augment-copies", type=int, default=2, show_default=True,
                      help="Augmented copies of each training photo (cached features) for feature families."),

@@ -1,10 +1,9 @@
 """Faster serving variants of a published model, written beside the TensorFlow SavedModel.
 
-Chosen by measurement on a 2-core AVX-512 (VNNI, BF16) CPU with VGG16 (see
-benchmarks/throughput.py): TensorFlow fp32 serves ~7.3 images/s (the fp32 FMA ceiling is ~7.6);
-OpenVINO int8 ~28, OpenVINO bf16 ~14; LiteRT int8 and ONNX Runtime QDQ int8 come close to
-OpenVINO but need a second conversion path (tf.lite / tf2onnx), and ONNX Runtime's dynamic int8
-is slower than fp32. So the artifact carries:
+OpenVINO reads the SavedModel directly (one conversion path, no tf.lite / tf2onnx step), and on
+CPUs with AVX-512 VNNI / BF16 its int8 and bf16 models are several times faster than TensorFlow
+fp32 (README, Runtimes and Benchmarks: the figures ``make bench`` and benchmarks/quantization.py
+print). So the artifact carries:
 
 - ``model-openvino-int8/model.xml|bin``: the SavedModel converted by ``openvino.convert_model``,
   then post-training quantised by NNCF: int8 weights (symmetric, per output channel) and
@@ -12,16 +11,14 @@ is slower than fp32. So the artifact carries:
   everything after the last convolution stays in float: the dense head, and the global pooling.
   That last part matters: the VGG16 transfer model pools block5_conv3 with GeM
   (``mean(x**3)**(1/3)``), and NNCF by default puts a per-tensor int8 grid on the cubed
-  activations, which zeroes most of them. Measured on the benchmark model (VGG16 + GeM + the
-  demo head, 858 Stanford test photos, fp32 top-1 90.68%): quantising the pooling gave 90.1%
-  top-1 agreement with fp32 (85 flipped photos, top-1 86.6%); keeping it in float 99.5% (4
-  flipped, top-1 90.3%), at the same speed (28.4 vs 28.8 images/s at batch 16, 2 cores).
+  activations, which zeroes most of them (benchmarks/quantization.py measures int8's agreement
+  with fp32 with and without the pooling in float; its table is in the README).
 - ``model-openvino-bf16/model.xml|bin``: the same conversion, weights stored as fp16, run with
   ``INFERENCE_PRECISION_HINT=bf16`` (the CPU's AVX512-BF16 instructions; f32 where absent).
 - the ``openvino-int8`` entry is a cascade: int8 for every photo, and bf16 again for the few
   photos whose int8 top-2 margin is too small to trust (below the 99th percentile of how much
   int8 moves the fp32 margin, measured on the calibration photos). With the pooling in float the
-  threshold is small (0.025 on the benchmark model) and ~2% of photos run twice.
+  threshold is small and few photos run twice (benchmarks/quantization.py's ``re-run`` column).
 
 Each variant's top-1 agreement with the fp32 SavedModel is measured here, on the run's held-out
 photos (validation + test split: never used to fit weights), through the same loader the worker

@@ -66,9 +66,9 @@ becomes a numpy array.  Peak memory of one decode is therefore about the
 decoded image (4 bytes per pixel in Pillow for RGB, RGBA and CMYK; 1 for
 ``L``/``P``; 2 for 16-bit grey) plus the converted RGB copy (4 bytes per
 kept pixel; none for a plain RGB photo that is kept whole), plus a few
-strips: ~8 bytes per pixel at most, against ~55 bytes per pixel before (a
-4-megapixel RGBA PNG: 34 MiB instead of 229 MiB; 64 megapixels: 491 MiB
-instead of 3,418 MiB, benchmarks/decode_memory.py).  A progressive JPEG also
+strips: about 8 bytes per pixel at most, instead of one full-size numpy copy
+per conversion step (README, "Decoding memory", has the figures
+benchmarks/decode_memory.py prints).  A progressive JPEG also
 holds libjpeg's coefficient buffer (2 bytes per sample of the full-size
 image) even when it is drafted down.
 
@@ -89,9 +89,9 @@ To ``size = (width, height)`` (default 224x224), with one of :data:`FITS`:
 
 * ``crop`` (the default): scaled, aspect ratio kept, until the photo covers
   ``size``, then the centre ``size`` is cut out (a 500x375 photo loses 12.5% on
-  the left and on the right).  Measured on the 11-breed official test split,
-  frozen ImageNet VGG16 + logistic regression: 94.9% top-1, against 92.1% for
-  ``squash`` (the distortion costs more than the lost border).
+  the left and on the right): the breed's proportions stay as the ImageNet
+  backbones saw them, at the cost of the border (README, Benchmarks, has
+  both fits measured by benchmarks/accuracy.py).
 * ``squash``: the whole photo is squashed to ``size``, the aspect ratio is not
   kept, as with ``tf.keras.utils.image_dataset_from_directory`` in the original
   design (and the artifacts published before ``input_fit`` existed).

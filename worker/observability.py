@@ -28,3 +28,12 @@ def metrics_for_batch(outcome, flush: bool = True) -> None:
                            value=round(outcome.images / outcome.seconds, 3))
     if flush:
         metrics.flush_metrics()
+
+
+def metrics_for_stages(**seconds: float | None) -> None:
+    """Milliseconds of a batch's stages (``classify_s=...`` -> metric ``ClassifyMilliseconds``);
+    a stage given as None is left out. Flushed with the batch's other metrics."""
+    for stage, value in seconds.items():
+        if value is not None:
+            name = stage.removesuffix("_s").capitalize() + "Milliseconds"
+            metrics.add_metric(name=name, unit=MetricUnit.Milliseconds, value=round(value * 1000, 1))

@@ -55,7 +55,7 @@ from worker.jobs import (
     write_manifests,
 )
 from worker.messages import MessageError, parse_message
-from worker.observability import logger, metrics, metrics_for_batch
+from worker.observability import logger, metrics, metrics_for_batch, metrics_for_stages
 from worker.pipeline import Pipeline
 from worker.sqs import SQS_BATCH, send_entries  # noqa: F401 - SQS_BATCH re-exported
 
@@ -87,6 +87,8 @@ class PollerSummary:
     seconds: float = 0.0
     undeleted: int = 0  # manifest written but the delete kept failing: it will be redelivered
     handed_back: int = 0  # received but not started (stop): visible again at once
+    classify_s: float = 0.0  # classifying batches: download, decode, inference
+    finish_s: float = 0.0  # writing manifests and deleting messages (beside the next classify when pipelined)
 
 
 class InFlight:
@@ -165,6 +167,7 @@ class Poller:
         self._wake = threading.Event()  # set by stop() and by a receive coming back
         self.in_flight = InFlight()
         self.handed_back = 0  # messages received but never started, given back (visible at once)
+        self.finish_seconds = 0.0  # summed by the one finishing thread
         # a prefix job longer than a page sends its pages back to this queue (no deadline here:
         # the pages keep each message's work bounded, so the visibility timeout stays meaningful)
         self.continuations = ContinuationSender(sqs, lambda _message_id: settings.queue_url, settings.queue_attempts,
@@ -188,8 +191,7 @@ class Poller:
     def receive(self, wanted: int) -> list[dict]:
         s = self.settings
         response = self.sqs.receive_message(QueueUrl=s.queue_url, MaxNumberOfMessages=wanted,
-                                            WaitTimeSeconds=s.wait_seconds, VisibilityTimeout=s.visibility_timeout,
-                                            MessageSystemAttributeNames=["ApproximateReceiveCount"])
+                                            WaitTimeSeconds=s.wait_seconds, VisibilityTimeout=s.visibility_timeout)
         received = response.get("Messages", [])
         self.in_flight.add(received)
         return received
@@ -300,9 +302,13 @@ class Poller:
                     if ahead and wanted() > 0:  # runs while this batch is classified
                         upcoming = self._receive_in_background(wanted(), ahead=True)
                         nothing_pending = False
+                    classify_started = time.perf_counter()
                     classified = self._classify_or_hand_back(received)
+                    classify_s = time.perf_counter() - classify_started
+                    summary.classify_s += classify_s
                     settle(finishing)  # at most one batch waits for its manifests
-                    finishing = finisher.submit(self.finish, received, classified) if classified else None
+                    finishing = (finisher.submit(self.finish, received, classified, classify_s=classify_s)
+                                 if classified else None)
                     if classified is None:
                         summary.failed += len(received)
                     if not ahead:
@@ -314,6 +320,7 @@ class Poller:
                     self._hand_back_upcoming(upcoming)
         summary.handed_back = self.handed_back
         summary.seconds = round(time.perf_counter() - started, 3)
+        summary.classify_s, summary.finish_s = round(summary.classify_s, 3), round(self.finish_seconds, 3)
         logger.info("poller stopped", extra={"summary": summary.__dict__})
         return summary
 
@@ -347,10 +354,12 @@ class Poller:
         return classify_messages([QueuedMessage(m["MessageId"], m["Body"]) for m in received], self.pipeline,
                                  self.output, continuations=self.continuations)
 
-    def finish(self, received: list[dict], classified: ClassifiedBatch) -> BatchOutcome:
+    def finish(self, received: list[dict], classified: ClassifiedBatch, classify_s: float | None = None) -> BatchOutcome:
         """Write the manifests, delete the messages that succeeded, and make the failed ones
-        visible again after ``retry_delay``."""
+        visible again after ``retry_delay``; log and count the batch's stage times (``classify_s``:
+        how long its classification took)."""
         s = self.settings
+        started = time.perf_counter()
         handles = {m["MessageId"]: m["ReceiptHandle"] for m in received}
         try:
             outcome = write_manifests(classified, self.pipeline, self.output)
@@ -370,6 +379,12 @@ class Poller:
                 "message done" if o.ok else "message failed",
                 extra={"message_id": o.message_id, "job_id": o.job_id, "manifest": o.manifest, "reason": o.reason,
                        "counts": o.counts, "timings_ms": o.timings_ms})
+        finish_s = time.perf_counter() - started
+        self.finish_seconds += finish_s
+        logger.info("batch done", extra={"messages": len(received), "images": outcome.images,
+                                         "classify_ms": None if classify_s is None else round(classify_s * 1000, 1),
+                                         "finish_ms": round(finish_s * 1000, 1)})
+        metrics_for_stages(classify_s=classify_s, finish_s=finish_s)
         metrics_for_batch(outcome)
         return outcome
 

@@ -101,9 +101,7 @@ class RuntimeEntry:
 
     @property
     def speed(self) -> float:
-        measured = self.extra.get("relative_speed")
-        if isinstance(measured, (int, float)) and not isinstance(measured, bool) and measured > 0:
-            return float(measured)
+        """Expected speed relative to fp32 (``PRECISION_SPEED``), for ranking entries."""
         return PRECISION_SPEED.get(self.precision, 1.0)
 
 

