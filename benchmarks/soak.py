@@ -457,7 +457,8 @@ def expected_manifests(traffic: Traffic) -> dict[str, set[str]]:
 
 
 def labels_alone(model: str, plan: dict[str, Planted]) -> dict[str, tuple[str, str]]:
-    """key -> ("ok", breed) or ("error", code): each distinct photo decoded and classified on its own."""
+    """key -> ("ok", breed), ("no_dog" | "uncertain", None) or ("error", code): each distinct photo
+    decoded and classified on its own."""
     from worker import images
     from worker.classifier import Classifier
 
@@ -474,7 +475,8 @@ def labels_alone(model: str, plan: dict[str, Planted]) -> dict[str, tuple[str, s
             except images.ImageDecodeError as error:
                 by_body[digest] = ("error", error.code)
             else:
-                by_body[digest] = ("ok", classifier.classify(pixels[None])[0][0].breed)
+                verdict = classifier.predict(pixels[None])[0]  # ok with its breed, or no_dog / uncertain
+                by_body[digest] = (verdict.status, verdict.breed.breed if verdict.breed else None)
         return by_body[digest]
 
     return {key: alone(planted.body) for key, planted in plan.items()}
@@ -509,7 +511,7 @@ def tally(s3, plan: dict[str, Planted], expected: dict[str, set[str]], alone: di
             if item["key"] not in names:
                 wrong_key += 1
                 continue
-            got = (item["status"], item["breed"] if item["status"] == "ok" else item["error_code"])
+            got = (item["status"], item["error_code"] if item["status"] == "error" else item["breed"])
             wrong_label += got != alone[item["key"]]
             planted = plan[item["key"]].expected
             mismatched += planted is not None and got != planted

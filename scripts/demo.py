@@ -7,7 +7,8 @@
 3. ``dogbreeds-train keygen``: a signing key pair in ``demo-output/`` (``signing.key``,
    ``signing.pub``), then ``dogbreeds-train publish --sign-key`` the artifact, signed, to
    ``s3://<bucket>/models/``;
-4. drop the held-out sample photos (official test split) into ``incoming/``;
+4. drop the held-out sample photos (official test split) into ``incoming/``, and a cat photo and
+   an object photo from the held-out part of ``samples/photos/not-dogs/`` (never fitted on);
 5. ``dogbreeds-worker run --until-empty`` serves the published version, pinned, and only if its
    signature verifies with ``signing.pub`` (``--trusted-key``); it drains the queue and writes one
    manifest per photo (its JSON logs, which say the model was verified, go to
@@ -15,7 +16,8 @@
 6. ``dogbreeds-worker report`` writes ``demo-output/report.html`` (one static page: summary,
    breeds, scores, every photo with its label) and ``export`` writes ``demo-output/labels.csv``;
    stop the server;
-7. print the manifests as a table, true breed beside prediction, and the report's path.
+7. print the manifests as a table, true breed beside prediction (the cat and the object must be
+   answered ``no_dog``), and the report's path.
 
 It runs the same console commands a user would."""
 
@@ -70,6 +72,16 @@ def held_out_photos(photos: Path, manifest: Path) -> list[Path]:
     return [photos / r[path_col] for r in rows[1:] if r[split_col] == "test"]
 
 
+def no_dog_photos(photos: Path) -> list[Path]:
+    """The first cat and the first object photo of the not-dog folder's test part (the part
+    `fit` neither trains the dog check on nor chooses its threshold with)."""
+    from trainer.not_dogs import FOLDER, find_not_dogs, split_not_dogs
+
+    root = photos / FOLDER
+    test = split_not_dogs(find_not_dogs(root)).test
+    return [root / next(p for p in test if p.startswith(group)) for group in ("cats/", "imagenet-objects/")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", help="Working folder (recreated).")
@@ -101,7 +113,11 @@ def main() -> None:
         test_photos = held_out_photos(photos, split)
         for path in test_photos:
             s3.upload_file(str(path), stack.bucket, f"incoming/{path.parent.name}/{path.name}")
-        print(f"\nuploaded {len(test_photos)} held-out photos to s3://{stack.bucket}/incoming/")
+        without_dog = no_dog_photos(photos)
+        for path in without_dog:
+            s3.upload_file(str(path), stack.bucket, f"incoming/no-dog/{path.name}")
+        print(f"\nuploaded {len(test_photos)} held-out dog photos and {len(without_dog)} photos without a dog "
+              f"({', '.join(p.name for p in without_dog)}) to s3://{stack.bucket}/incoming/")
 
         def manifests_written() -> int:  # one S3 event, so one message and one manifest, per photo
             return s3.list_objects_v2(Bucket=stack.bucket, Prefix="manifests/").get("KeyCount", 0)
@@ -109,7 +125,7 @@ def main() -> None:
         run_logged("dogbreeds-worker", "run", "--model", f"s3://{stack.bucket}/models/demo-breeds/{version}",
                    "--trusted-key", str(out / "signing.pub"), "--queue-url", stack.queue_url, "--until-empty",
                    "--wait-seconds", "2", env=env, log=out / "worker.log", done=manifests_written,
-                   total=len(test_photos))
+                   total=len(test_photos) + len(without_dog))
         verified = "model signature verified" in (out / "worker.log").read_text(errors="replace")
         print(f"worker served demo-breeds/{version}: "
               + ("signature verified with signing.pub" if verified else "NOT verified (see worker.log)"))
@@ -126,16 +142,21 @@ def main() -> None:
         run("dogbreeds-worker", "export", manifests, "--out", str(out / "labels.csv"), env=env)
 
     print(f"\n{'photo (s3://' + stack.bucket + '/incoming/...)':<40} {'true breed':<22} {'predicted':<22} score")
-    correct = 0
+    correct = no_dog = 0
     for item in sorted(items, key=lambda i: i["key"]):
-        true = item["key"].split("/")[1].split("-", 1)[1].replace("_", " ")
-        predicted = item["breed"] if item["status"] == "ok" else f"ERROR {item['error_code']}"
-        correct += predicted == true
+        folder = item["key"].split("/")[1]
+        true = "no_dog" if folder == "no-dog" else folder.split("-", 1)[1].replace("_", " ")
+        predicted = {"ok": item["breed"], "no_dog": "no_dog"}.get(item["status"]) or \
+            f"{item['status'].upper()} {item.get('error_code') or ''}"
+        correct += predicted == true and true != "no_dog"
+        no_dog += predicted == true == "no_dog"
         mark = "" if predicted == true else "  <- wrong"
-        print(f"{item['key'].split('/')[-1]:<40} {true:<22} {predicted:<22} {item.get('score') or 0:.2f}{mark}")
-    print(f"\n{len(items)} photos in manifests ({len(test_photos)} uploaded), "
+        score = item.get("score") if item["status"] == "ok" else item.get("dog_score")
+        print(f"{item['key'].split('/')[-1]:<40} {true:<22} {predicted:<22} {score or 0:.2f}{mark}")
+    print(f"\n{len(items)} photos in manifests ({len(test_photos) + len(without_dog)} uploaded), "
           f"dead-lettered messages: {dead['Attributes']['ApproximateNumberOfMessages']}")
-    print(f"held-out accuracy: {correct}/{len(items)} = {correct / max(1, len(items)):.1%}; "
+    print(f"held-out accuracy: {correct}/{len(test_photos)} = {correct / max(1, len(test_photos)):.1%}; "
+          f"photos without a dog answered no_dog: {no_dog}/{len(without_dog)} (score column: the dog score); "
           f"demo took {time.perf_counter() - started:.0f}s")
     print(f"worker logs: {out / 'worker.log'}; labels: {out / 'labels.csv'}\nreport: {out / 'report.html'}")
 

@@ -182,3 +182,75 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
                          "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
         model_card="# colours-fast\nA tiny test model with OpenVINO variants.\n", extra_files=files)
     return dest
+
+
+GREYS = [(128, 128, 128), (30, 30, 30), (235, 235, 235)]  # the tiny world's photos without a dog
+
+
+def grey_data(n_per_shade: int, seed0: int = 0) -> np.ndarray:
+    from worker import images
+
+    return np.stack([images.load_image(colour_photo(shade, seed=seed), size=(FAST_SIZE, FAST_SIZE))
+                     for shade in GREYS for seed in range(seed0, seed0 + n_per_shade)])
+
+
+DOG_CHECK_TEMPERATURE = 2.5
+
+
+@pytest.fixture(scope="session")
+def dog_check_artifact(tmp_path_factory) -> dict:
+    """A tiny transfer model as publish serves it: a frozen part (preprocessing, two
+    convolutions, GeM; named like trainer.models.frozen_part's) and a trained head, wrapped by
+    trainer.serving with a temperature and a logistic dog head fitted on its pooled features
+    (colour photos are "dogs", grey ones are not), exported with its OpenVINO int8 (cascade) and
+    bf16 variants. Returns the artifact folder, the unwrapped breed model and the dog head."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    import keras
+
+    from trainer import dog_check, fast_runtimes, serving
+    from trainer.pooling import global_pooling
+    from trainer.preprocessing import build_preprocessing
+    from worker import artifact
+
+    keras.utils.set_random_seed(0)
+    x, y = colour_data(20)
+    # functional, as trainer.models.frozen_part builds it (its own `output` is not the outer graph's)
+    pixels = keras.Input((FAST_SIZE, FAST_SIZE, 3))
+    h = build_preprocessing("vgg", "vgg16")(pixels)
+    h = keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(8, 3, padding="same", activation="relu")(h))
+    h = global_pooling("gem")(keras.layers.Conv2D(16, 3, padding="same", activation="relu")(h))
+    frozen = keras.Model(pixels, h, name="tiny_to_conv_gem")
+    head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="relu"),
+                             keras.layers.Dense(len(COLOUR_BREEDS), activation="softmax", name="breed")],
+                            name="transfer_head")
+    inputs = keras.Input((FAST_SIZE, FAST_SIZE, 3), name="image")
+    breed_model = keras.Model(inputs, head(frozen(inputs)), name="tiny_inference")
+    breed_model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    breed_model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
+    greys = grey_data(10)
+    dog_head, _ = dog_check.fit_dog_head(np.asarray(frozen(x.astype(np.float32))),
+                                         np.asarray(frozen(greys.astype(np.float32))), c=1.0)
+    served = serving.served_model(breed_model, temperature=DOG_CHECK_TEMPERATURE, dog_method="dog-head",
+                                  dog_head=dog_head)
+    root = tmp_path_factory.mktemp("dogcheck")
+    saved = root / "saved"
+    artifact.export_saved_model(served, saved)
+    heldout = np.concatenate([colour_data(10, seed0=100)[0], grey_data(5, seed0=100)])
+    labels = np.concatenate([colour_data(10, seed0=100)[1], np.full(15, -1)])
+    threshold = 0.5
+    files, entries = fast_runtimes.build_openvino_variants(
+        saved, root / "variants", calibration=np.concatenate([x, greys]), heldout=heldout, heldout_labels=labels,
+        threads=1, num_classes=len(COLOUR_BREEDS), dog_threshold=threshold)
+    dest = root / "colours-dogcheck"
+    artifact.write_artifact(
+        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+        manifest_fields={"name": "colours-dogcheck", "version": "v1", "backbone": "tiny",
+                         "input_size": [FAST_SIZE, FAST_SIZE],
+                         "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries},
+                         "dog_check": {"method": "dog-head", "threshold": threshold,
+                                       "score_column": len(COLOUR_BREEDS)},
+                         "calibration": {"temperature": DOG_CHECK_TEMPERATURE}},
+        model_card="# colours-dogcheck\nA tiny test model with a dog check and a temperature.\n", extra_files=files)
+    return {"path": dest, "breed_model": breed_model, "dog_head": dog_head, "frozen": frozen,
+            "threshold": threshold}

@@ -10,8 +10,9 @@ times a second (property tests) with faults injected at every step.
 * :class:`FakeClock` / :class:`LambdaContext`: time that passes only when the code under test
   does something (a read, a photo inferred, a PUT, ...), and a Lambda context whose remaining
   time is read from it: deadlines without sleeps.
-* :class:`PixelClassifier`: the label is a pure function of the pixels (a CRC of the decoded
-  photo), so a photo gets the same label alone or in any batch, and a mix-up shows.
+* :class:`PixelClassifier`: the label, the dog score and the verdict are pure functions of the
+  pixels (a CRC of the decoded photo), so a photo gets the same answer alone or in any batch,
+  and a mix-up shows.
 * :func:`photo`: a tiny PNG whose pixels are unique to its id (decoded exactly, no resampling
   at :data:`PHOTO_SIZE`).
 """
@@ -30,7 +31,7 @@ import numpy as np
 from botocore.exceptions import ClientError
 from PIL import Image
 
-from worker.classifier import BreedScore
+from worker.classifier import BreedScore, Prediction, verdict
 
 PHOTO_SIZE = (8, 8)  # (width, height): the fake model's input size, so decoding never resamples
 BREEDS = ("Chihuahua", "Samoyed", "beagle", "pug", "basenji", "whippet", "Saluki", "dingo", "dhole", "komondor",
@@ -62,20 +63,40 @@ def label_of(pixels: np.ndarray) -> list[BreedScore]:
     return [BreedScore(f"n{first:08d}", BREEDS[first], score), BreedScore(f"n{second:08d}", BREEDS[second], 1 - score)]
 
 
+def dog_score_of(pixels: np.ndarray) -> float:
+    """The fake model's dog score, in [0, 1), a pure function of the pixels (not of the label)."""
+    digest = zlib.crc32(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()[::-1])
+    return (digest % 1000) / 1000
+
+
+def prediction_of(pixels: np.ndarray, dog_threshold: float | None = None) -> Prediction:
+    """The fake model's verdict: :func:`label_of`, :func:`dog_score_of` and the worker's own
+    status rule (``no_dog`` below ``dog_threshold``; None: no dog check, no dog score)."""
+    top = label_of(pixels)
+    dog = None if dog_threshold is None else dog_score_of(pixels)
+    return Prediction(verdict(top[0].score, dog, dog_threshold=dog_threshold, min_score=None), top, dog)
+
+
 class PixelClassifier:
     """Stands in for :class:`worker.classifier.Classifier`. ``faults`` maps a photo id to
     ``(exception, times)``: a call whose batch holds that photo raises, ``times`` times (None:
-    always). ``calls`` counts the photos of every call."""
+    always). ``calls`` counts the photos of every call. ``dog_threshold``: the fake's dog check
+    (None: none, every photo ``ok``)."""
 
     input_size, input_fit = PHOTO_SIZE, "crop"
     model_info = {"name": "pixels", "version": "v1", "runtime": "fake"}
 
-    def __init__(self, faults: dict[int, tuple[BaseException, int | None]] | None = None):
+    def __init__(self, faults: dict[int, tuple[BaseException, int | None]] | None = None,
+                 dog_threshold: float | None = None):
         self.faults = dict(faults or {})
+        self.dog_threshold = dog_threshold
         self.lock = threading.Lock()
         self.calls: list[list[int]] = []
 
     def classify(self, pixels: np.ndarray) -> list[list[BreedScore]]:
+        return [p.top_k for p in self.predict(pixels)]
+
+    def predict(self, pixels: np.ndarray) -> list[Prediction]:
         ids = [photo_id_of(p) for p in pixels]
         with self.lock:
             self.calls.append(ids)
@@ -89,7 +110,7 @@ class PixelClassifier:
                             self.faults[photo_id] = (error, times - 1)
         if raising is not None:
             raise raising
-        return [label_of(p) for p in pixels]
+        return [prediction_of(p, self.dog_threshold) for p in pixels]
 
 
 def client_error(code: str, status: int, operation: str) -> ClientError:
@@ -315,13 +336,13 @@ class LambdaContext:
 class TickingClassifier(PixelClassifier):
     """A :class:`PixelClassifier` whose every photo inferred costs ``ms_per_photo`` of fake time."""
 
-    def __init__(self, clock: FakeClock, ms_per_photo: float = 1000.0, faults=None):
-        super().__init__(faults)
+    def __init__(self, clock: FakeClock, ms_per_photo: float = 1000.0, faults=None, dog_threshold=None):
+        super().__init__(faults, dog_threshold)
         self.clock, self.ms_per_photo = clock, ms_per_photo
 
-    def classify(self, pixels):
+    def predict(self, pixels):  # what the pipeline calls
         self.clock.tick(self.ms_per_photo * len(pixels))
-        return super().classify(pixels)
+        return super().predict(pixels)
 
 
 def s3_event(bucket: str, key: str, etag: str | None, version_id: str | None = None, sequencer: str = "01",

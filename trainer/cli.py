@@ -129,18 +129,31 @@ def analyze(data, out_dir, seed):
               help="Horizontal-flip test-time augmentation: the published model answers the mean of its answers on "
                    "the photo and on its mirror image (inside the model, so every runtime does it; twice the "
                    "compute per photo). Evaluation uses it too.")
+@click.option("--not-dogs", type=click.Path(exists=True, file_okay=False),
+              help="A folder of photos WITHOUT a dog (cats, objects, scenes; any depth) for the dog check. "
+                   "Default: DATA/not-dogs/ when it exists. Split by file path into fit (40%), val (20%, chooses "
+                   "the threshold) and test (40%, measured only).")
+@click.option("--dog-check", type=click.Choice(["auto", "dog-head", "imagenet-dog-mass", "none"]), default="auto",
+              show_default=True,
+              help="How the served model tells whether a photo shows a dog. auto = dog-head: a logistic dog/not-dog "
+                   "head on the model's own pooled features (needs not-dog photos); imagenet-dog-mass: "
+                   "EfficientNet-Lite0's ImageNet head, its probability mass on the dog classes (Lite0 models); "
+                   "none: every photo gets a breed.")
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines"]), default="auto", show_default=True,
               help="How epochs are shown: one progress bar per phase with the last loss/accuracy (bar), one "
                    "line per epoch (lines, Keras verbose=2), or auto: bar on a terminal, lines otherwise.")
-def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, flip_tta, progress, **options):
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, flip_tta, not_dogs, dog_check,
+        progress, **options):
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
-    split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir)."""
+    split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir); calibrate
+    its scores on the validation split (calibration.png) and fit its dog check."""
     from trainer.experiment import fit_run
     from trainer.models import NotImageNetBreeds
 
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
-                         hyperparameters=hyperparameters, flip_tta=flip_tta, **options)
+                         hyperparameters=hyperparameters, flip_tta=flip_tta, not_dogs=not_dogs, dog_check=dog_check,
+                         **options)
     from trainer.progress import resolve_progress
 
     try:
@@ -151,6 +164,20 @@ def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size
     m = run["metrics"]["test"]
     click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
                f"({run['seconds']})")
+    cal = run.get("calibration") or {}
+    if cal:
+        click.echo(f"calibration: T = {cal['temperature']}, test ECE {cal['test']['ece_before']:.1%} -> "
+                   f"{cal['test']['ece_after']:.1%}")
+    check = run.get("dog_check") or {}
+    if check:
+        test = check.get("test") or check["val"]
+        groups = ", ".join(f"{g} {v['no_dog']:.0%} of {v['photos']}" for g, v in test["not_dogs"].items())
+        click.echo(f"dog check ({check['method']}, threshold {check['threshold']}): no_dog on not-dog photos: "
+                   f"{groups}; dogs lost {test['dogs_lost']:.1%} of {test['dogs']}")
+    else:
+        from trainer.publish import no_dog_check_caveat
+
+        click.echo(f"dog check: NONE. {no_dog_check_caveat(run)}")
     click.echo(f"run saved in {run_dir}")
 
 
@@ -216,6 +243,30 @@ def evaluate(run_dir, data):
     click.echo(f"wrote {Path(run_dir) / 'evaluation.json'}, confusion.png, mistakes.png")
 
 
+def sign_key_option(command):
+    """--sign-key (publish, imagenet-baseline)."""
+    return click.option("--sign-key", envvar="DOGBREEDS_SIGN_KEY", metavar="KEY",
+                        help="Sign the artifact (manifest.sig beside manifest.json, which lists every file's sha256 "
+                             "and the dog check and calibration the model applies): a PEM private key file (Ed25519 "
+                             "or ECDSA P-256; `dogbreeds-train keygen` makes one) or kms://<key id, alias/name or "
+                             "ARN> (an AWS KMS ECC_NIST_P256 SIGN_VERIFY key; needs kms:Sign and kms:GetPublicKey). "
+                             "Workers given the public key (DOGBREEDS_TRUSTED_KEY) refuse anything else. "
+                             "Env: DOGBREEDS_SIGN_KEY.")(command)
+
+
+def _signer(sign_key: str | None):
+    """The signer of --sign-key (None: unsigned); a bad key is a one-line error."""
+    if not sign_key:
+        return None
+    from trainer.signing import signer_from
+    from worker.artifact import ArtifactError
+
+    try:
+        return signer_from(sign_key)
+    except ArtifactError as error:
+        raise click.ClickException(str(error)) from error
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "destination", required=True,
@@ -227,28 +278,15 @@ def evaluate(run_dir, data):
               help="Also write OpenVINO int8 (calibrated on the training photos) and bf16 variants beside the "
                    "SavedModel, with their top-1 agreement with fp32 on the held-out photos. The worker serves "
                    "these data-only variants by default; a --tf-only artifact needs DOGBREEDS_ALLOW_SAVEDMODEL=1.")
-@click.option("--sign-key", envvar="DOGBREEDS_SIGN_KEY", metavar="KEY",
-              help="Sign the artifact (manifest.sig beside manifest.json, which lists every file's sha256): a PEM "
-                   "private key file (Ed25519 or ECDSA P-256; `dogbreeds-train keygen` makes one) or "
-                   "kms://<key id, alias/name or ARN> (an AWS KMS ECC_NIST_P256 SIGN_VERIFY key; needs kms:Sign "
-                   "and kms:GetPublicKey). Workers given the public key (DOGBREEDS_TRUSTED_KEY) refuse anything "
-                   "else. Env: DOGBREEDS_SIGN_KEY.")
+@sign_key_option
 def publish(run_dir, destination, name, version, fast_runtimes, sign_key):
     """Build the model artifact of a run (inference model with its preprocessing, labels,
     manifest with checksums, model card, plots), sign it with --sign-key, and publish it: the
     version is written once (a different artifact under the same version is refused) and `latest`
     moves to it unless it already names a newer version."""
     from trainer.publish import publish as do_publish
-    from worker.artifact import ArtifactError
 
-    signer = None
-    if sign_key:
-        from trainer.signing import signer_from
-
-        try:
-            signer = signer_from(sign_key)
-        except ArtifactError as error:
-            raise click.ClickException(str(error)) from error
+    signer = _signer(sign_key)
     where = do_publish(Path(run_dir), destination, name, version, fast_runtimes=fast_runtimes, signer=signer)
     click.echo(f"published {where}" + (f" (signed by {signer.key_id})" if signer else " (unsigned)"))
 
@@ -268,6 +306,39 @@ def keygen(prefix, force):
     except FileExistsError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"private key {private} (keep it secret), public key {public}, key id {key_id}")
+
+
+@main.command("imagenet-baseline")
+@click.option("--breeds", "breeds_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Breed folders, one a line (<synset>-<Breed>, e.g. samples/breeds.txt): the artifact's labels.")
+@click.option("--to", "destination", required=True,
+              help="A local registry folder or s3://bucket/models (the artifact lands in <to>/<name>/<version>/).")
+@click.option("--name", default="imagenet-baseline", show_default=True, help="Model name.")
+@click.option("--version", help="Version (default: a UTC timestamp).")
+@click.option("--image-size", type=int, default=320, show_default=True, help="Model input size (centre crops).")
+@click.option("--photos", type=click.Path(exists=True, file_okay=False),
+              help="Photos (any layout) to calibrate the OpenVINO int8 variant on and measure the variants' agreement "
+                   "(half each). Without them only the TensorFlow model is published.")
+@click.option("--fast-runtimes/--tf-only", default=True, show_default=True,
+              help="Also write the OpenVINO int8 and bf16 variants (needs --photos), which the worker serves by "
+                   "default; without them the artifact carries only the TensorFlow SavedModel, which a worker "
+                   "serves only with DOGBREEDS_ALLOW_SAVEDMODEL=1 or --runtime tf.")
+@sign_key_option
+def imagenet_baseline(breeds_file, destination, name, version, image_size, photos, fast_runtimes, sign_key):
+    """Publish the ImageNet baseline: EfficientNet-Lite0's ImageNet head restricted to the breeds'
+    synsets, no training (the baseline every trained model must beat). Its dog check is the
+    ImageNet softmax's mass on the dog classes; its scores are not recalibrated (T = 1). Signed
+    with --sign-key like `publish`."""
+    from trainer.baseline import publish_baseline
+
+    signer = _signer(sign_key)
+    where, manifest = publish_baseline(breeds_file, destination, name, version=version, image_size=image_size,
+                                       photos=photos, fast_runtimes=fast_runtimes, signer=signer)
+    click.echo(f"published {where}" + (f" (signed by {signer.key_id})" if signer else " (unsigned)"))
+    if not any(key != "tf" for key in manifest.runtimes):
+        click.echo("note: this artifact carries only the TensorFlow SavedModel (no --photos, or --tf-only), which "
+                   "workers do not serve by default (data-only): serve it with DOGBREEDS_ALLOW_SAVEDMODEL=1 or "
+                   "--runtime tf, or publish it again with --photos <folder> for its OpenVINO variants", err=True)
 
 
 if __name__ == "__main__":

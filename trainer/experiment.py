@@ -49,6 +49,8 @@ class RunConfig:
     hyperparameters: dict = field(default_factory=dict)
     cache_dir: str | None = None
     progress: bool = True
+    not_dogs: str | None = None  # photos without a dog for the dog check (None: DATA/not-dogs/ if there)
+    dog_check: str = "auto"  # trainer.scoring.DOG_CHECK_CHOICES
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
@@ -223,6 +225,10 @@ def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, 
     prepared.split.save(run_dir / "split.json")
     training.plot_curves(result.history, run_dir / "curves.png", f"{config.model} / {config.preprocessing}")
     evaluation = evaluate_run(prepared, result.model, run_dir)
+    from trainer import scoring
+
+    scores = scoring.fit_scoring(prepared, result.model, run_dir, hp_values=hp.values,
+                                 epochs=max((p["best_epoch"] for p in result.phases if p["phase"] == "head"), default=0))
     run = {
         "config": asdict(config),
         "family": config.model,
@@ -235,6 +241,7 @@ def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, 
         "metrics": {"test": evaluation.summary(),
                     "val_accuracy_best": max(result.history.get("val_accuracy", [0.0]) or [0.0])},
         "seconds": {**{k: round(v, 1) for k, v in prepared.seconds.items()}, "fit": round(fit_seconds, 1)},
+        **scores,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (run_dir / "run.json").write_text(json.dumps(run, indent=1))

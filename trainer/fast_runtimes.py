@@ -63,9 +63,25 @@ def predict_all(predict, pixels: np.ndarray, batch: int = BATCH) -> np.ndarray:
 
 
 def agreement(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None = None,
-              threshold: float = runtimes.AGREEMENT_THRESHOLD) -> dict:
+              threshold: float = runtimes.AGREEMENT_THRESHOLD, *, num_classes: int | None = None,
+              dog_threshold: float | None = None) -> dict:
     """Top-1 agreement of ``probs`` with ``reference`` (and both top-1 accuracies when labels
-    are given), as recorded in manifest ``runtimes.<key>.agreement``."""
+    are given), as recorded in manifest ``runtimes.<key>.agreement``. With ``num_classes`` the
+    outputs carry the dog score after the breeds: top-1 is taken over the breeds, rows whose
+    label is negative (photos without a dog) are left out of it, and with ``dog_threshold`` the
+    agreement of the no-dog decision over all rows is added (``dog_check_agreement``)."""
+    if num_classes is not None and reference.shape[1] > num_classes:
+        out = agreement(reference[:, :num_classes], probs[:, :num_classes], labels, threshold)
+        if dog_threshold is not None and len(reference):
+            same = (reference[:, num_classes] < dog_threshold) == (probs[:, num_classes] < dog_threshold)
+            out["dog_check_agreement"] = round(float(same.mean()), 4)
+            out["dog_check_photos"] = int(len(same))
+            out["max_abs_dog_score_diff"] = round(float(np.abs(reference[:, num_classes] - probs[:, num_classes]).max()), 4)
+            out["passed"] = bool(out["passed"] and out["dog_check_agreement"] >= threshold)
+        return out
+    if labels is not None and (np.asarray(labels) < 0).any():
+        dogs = np.asarray(labels) >= 0
+        reference, probs, labels = reference[dogs], probs[dogs], np.asarray(labels)[dogs]
     ref_top, top = reference.argmax(1), probs.argmax(1)
     agree = float((ref_top == top).mean()) if len(top) else 0.0
     out = {"reference": "tf", "photos": int(len(top)), "top1_agreement": round(agree, 4),
@@ -122,6 +138,15 @@ def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] =
                              preset=nncf.QuantizationPreset.PERFORMANCE, **kwargs)
 
 
+def dog_fallback_margin(reference: np.ndarray, probs: np.ndarray, quantile: float = FALLBACK_QUANTILE) -> float:
+    """How much quantisation moves the dog score: the ``quantile`` of ``|dog - dog_fp32|`` over
+    photos. A photo whose quantised dog score is this close to the threshold is re-run."""
+    if len(reference) == 0:
+        return 0.0
+    shift = np.abs(probs.astype(np.float64) - reference.astype(np.float64))
+    return round(float(np.ceil(np.quantile(shift, quantile) * 1000)) / 1000, 3)
+
+
 def fallback_margin(reference: np.ndarray, probs: np.ndarray, quantile: float = FALLBACK_QUANTILE) -> float:
     """How much quantisation moves the fp32 top-2 margin: the ``quantile`` of
     ``|(p[a] - p[b]) - (ref[a] - ref[b])|`` over photos, a/b = the fp32 top-2 classes. A photo
@@ -138,7 +163,8 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
                             heldout_labels: np.ndarray | None = None, reference: np.ndarray | None = None,
                             variants: Sequence[str] = VARIANTS, threads: int | None = None,
                             keep_float: Sequence[str] = ("head",), int8_fallback: bool = True,
-                            heldout_split: str = "val+test") -> tuple[dict[str, Path], dict]:
+                            heldout_split: str = "val+test", num_classes: int | None = None,
+                            dog_threshold: float | None = None) -> tuple[dict[str, Path], dict]:
     """Convert ``saved_model_dir`` (the artifact's SavedModel) to OpenVINO variants under
     ``out_dir``; measure each against ``reference`` (fp32 probabilities of ``heldout``; computed
     with the SavedModel when None). Returns (artifact-relative path -> file, manifest runtimes
@@ -147,7 +173,10 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
     With ``int8_fallback`` (and a bf16 variant), the int8 entry is a cascade: photos whose int8
     top-2 margin is below :func:`fallback_margin` (measured on the calibration photos, never on
     the held-out ones) are re-run in bf16; its recorded agreement is that of the cascade, beside
-    the plain int8 one."""
+    the plain int8 one. ``num_classes``: the model's output has a dog score column after the
+    breeds (the artifact's dog check, threshold ``dog_threshold``): top-1 is measured on the
+    breeds of the dog photos (label >= 0), the dog decision on every held-out photo, and the
+    cascade also re-runs the photos whose int8 dog score is close to the threshold."""
     import openvino as ov
 
     out_dir = Path(out_dir)
@@ -196,6 +225,10 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
                             "format": "openvino-ir", "openvino": ov.get_version().split("-")[0], **extra,
                             "build_s": time.perf_counter() - started + converted_s}
 
+    def measure(reference_probs, probs):
+        return agreement(reference_probs, probs, heldout_labels, num_classes=num_classes, dog_threshold=dog_threshold)
+
+    with_dog = num_classes is not None and dog_threshold is not None
     for precision, spec in built.items():  # measure them as the worker runs them
         key = f"openvino-{precision}"
         build_s = spec.pop("build_s")
@@ -204,19 +237,30 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
         started = time.perf_counter()
         probs = predict_all(predict, heldout)
         if precision == "int8" and int8_fallback and "bf16" in built:
-            plain = agreement(reference, probs, heldout_labels)
-            margin = fallback_margin(predict_all(predict_tf, calibration), predict_all(predict, calibration))
+            plain = measure(reference, probs)
+            calibration_ref, calibration_int8 = predict_all(predict_tf, calibration), predict_all(predict, calibration)
+            c = num_classes or calibration_ref.shape[1]
+            margin = fallback_margin(calibration_ref[:, :c], calibration_int8[:, :c])
             spec["fallback"] = {"path": built["bf16"]["path"], "precision": "bf16", "below_margin": margin,
                                 "rule": f"photos whose int8 top-2 margin is below {margin} (the 99th percentile of "
                                         "int8's shift of the fp32 top-2 margin on the calibration photos) are "
                                         "re-run in bf16"}
+            if with_dog:
+                dog_margin = dog_fallback_margin(calibration_ref[:, c], calibration_int8[:, c])
+                spec["fallback"].update(dog_threshold=dog_threshold, dog_below_margin=dog_margin)
+                spec["fallback"]["rule"] += (f"; so are those whose int8 dog score is within {dog_margin} of the dog "
+                                             "threshold (the 99th percentile of int8's shift of the dog score)")
             cascade = runtimes.with_fallback(predict, runtimes.load_openvino_model(out_dir / built["bf16"]["path"], "bf16",
-                                                                                   threads=threads), margin)
+                                                                                   threads=threads), margin,
+                                             breed_columns=num_classes,
+                                             dog_threshold=dog_threshold if with_dog else None,
+                                             dog_margin=spec["fallback"].get("dog_below_margin", 0.0))
             probs = predict_all(cascade, heldout)
             spec["fallback"]["heldout_fallback_rate"] = round(cascade.fallbacks / max(1, cascade.calls), 4)
-            spec["int8_only_agreement"] = {k: plain[k] for k in ("photos", "top1_agreement", "passed") if k in plain}
+            spec["int8_only_agreement"] = {k: plain[k] for k in ("photos", "top1_agreement", "passed",
+                                                                 "dog_check_agreement") if k in plain}
         seconds = time.perf_counter() - started
-        measured = agreement(reference, probs, heldout_labels)
+        measured = measure(reference, probs)
         measured["photos_split"] = heldout_split
         entries[key] = {**spec, "agreement": measured,
                         "publish_seconds": {"build": round(build_s, 1), "agreement": round(seconds, 1)}}

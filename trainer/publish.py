@@ -18,7 +18,7 @@ from trainer import preprocessing as _registered_layers  # noqa: F401  (custom l
 from trainer.experiment import load_run
 from worker import artifact, images
 
-PLOTS = ("curves.png", "confusion.png", "mistakes.png")
+PLOTS = ("curves.png", "confusion.png", "mistakes.png", "calibration.png")
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +37,50 @@ def inference_model(run_dir: Path) -> tuple[keras.Model, dict]:
     model = models.assemble_inference_model(family, trained, backbone=backbone, preprocessing_choice=config.preprocessing,
                                             input_shape=(config.image_size, config.image_size, 3),
                                             flip_tta=config.flip_tta)
-    return model, run
+    return served(model, run, run_dir), run
+
+
+def served(model: keras.Model, run: dict, run_dir: Path) -> keras.Model:
+    """The breed model wrapped into the served model (trainer.serving): calibrated breed
+    scores and, when the run has a dog check, the dog score column. A run fitted before
+    either existed is served as it was (a logged note)."""
+    from trainer import scoring, serving
+
+    temperature = float((run.get("calibration") or {}).get("temperature", 1.0))
+    check = run.get("dog_check") or {}
+    if not run.get("calibration"):
+        log.warning("run %s has no calibration: its scores are published as they are (T = 1)", run_dir)
+    if not check:
+        log.warning("run %s has no dog check: every photo will get a breed", run_dir)
+    head = scoring.load_dog_head(run_dir) if check.get("method") == "dog-head" else None
+    return serving.served_model(model, temperature=temperature, dog_method=check.get("method"), dog_head=head,
+                                backbone=run.get("backbone"))
+
+
+def scoring_fields(run: dict, num_classes: int) -> dict:
+    """manifest.json's ``dog_check`` and ``calibration`` of a run."""
+    fields = {}
+    check = run.get("dog_check") or {}
+    if check:
+        fields["dog_check"] = {**{k: v for k, v in check.items() if k not in ("fit",)}, "score_column": num_classes}
+    if run.get("calibration"):
+        cal = run["calibration"]
+        fields["calibration"] = {"temperature": cal["temperature"], "method": cal["method"],
+                                 "fitted_on": cal["fitted_on"], "applied": "inside the served model (every runtime)",
+                                 "test": {k: cal["test"][k] for k in ("photos", "ece_before", "ece_after",
+                                                                      "nll_before", "nll_after", "risk_coverage")}}
+    return fields
+
+
+def no_dog_check_caveat(run: dict) -> str:
+    """Why a model has no dog check, for its card."""
+    if models.get_family(run["family"]).inputs != "features":
+        return ("This model has NO dog check: it was trained from scratch, with no frozen backbone whose pooled "
+                "features a dog/not-dog head could read in the same forward pass, so a photo without a dog still "
+                "gets a breed. Where such photos can arrive, serve a transfer model (or the ImageNet baseline, "
+                "`dogbreeds-train imagenet-baseline`), which has one.")
+    return ("This model has NO dog check (fitted with `--dog-check none` or without not-dog photos): a photo "
+            "without a dog still gets a breed.")
 
 
 def model_card(run: dict, name: str) -> str:
@@ -50,8 +93,11 @@ def model_card(run: dict, name: str) -> str:
         caveats.append(f"The test set is small ({metrics['photos']} photos): accuracy is a rough estimate.")
     if config["preprocessing"] == "seed":
         caveats.append("Preprocessing 'seed' (equalise + [0,1]) does not match the ImageNet backbone's input range.")
-    caveats.append("Trained on Stanford Dogs photos (ImageNet): non-commercial research and education use. "
-                   "A photo without a dog still gets a breed; scores are not calibrated probabilities of 'dog'.")
+    caveats.append("Trained on Stanford Dogs photos (ImageNet): non-commercial research and education use.")
+    if not run.get("dog_check"):
+        caveats.append(no_dog_check_caveat(run))
+    caveats.append("The dog score is not a calibrated probability: only its threshold was chosen (on validation "
+                   "photos); the breed scores are probabilities of the breed GIVEN a dog of these breeds.")
     return f"""# {name}: dog breed classifier
 
 {models.get_family(run['family']).description}.
@@ -73,6 +119,7 @@ def model_card(run: dict, name: str) -> str:
 |---|---|---|---|
 | {metrics['photos']} | {metrics['loss']} | {metrics['top1']:.1%} | {metrics['top5']:.1%} |
 
+{scoring_card(run)}
 ## Hyper-parameters
 
 | name | value |
@@ -87,6 +134,50 @@ def model_card(run: dict, name: str) -> str:
 
 {', '.join(f.split('-', 1)[1].replace('_', ' ') for f in run['classes'])}
 """
+
+
+def scoring_card(run: dict) -> str:
+    """The model card's calibration (ECE, risk-coverage) and dog check sections."""
+    out = []
+    cal = run.get("calibration") or {}
+    if cal:
+        test = cal["test"]
+        rows = "\n".join(f"| {r['min_score']:.2f} | {r['kept']:.1%} ({r['photos_kept']}) | "
+                         f"{'-' if r['top1_of_kept'] is None else format(r['top1_of_kept'], '.1%')} |"
+                         for r in test["risk_coverage"])
+        out.append(f"""## Calibration
+
+The breed scores are calibrated inside the model: `softmax(log p / T)` with T = {cal['temperature']}, fitted on
+the {cal['fitted_on']}. Expected calibration error ({cal.get('ece_bins', 15)} bins) on the test split
+({test['photos']} photos): {test['ece_before']:.1%} before, {test['ece_after']:.1%} after
+(negative log-likelihood {test['nll_before']:.3f} -> {test['nll_after']:.3f}). Reliability diagram:
+`plots/calibration.png`.
+
+Risk-coverage on the test split: with `--min-score t`, photos whose best score is below t are answered
+`uncertain` (for human review); the rest keep this top-1 accuracy.
+
+| t | photos kept | top-1 of those kept |
+|---|---|---|
+{rows}
+""")
+    check = run.get("dog_check") or {}
+    if check:
+        lines = []
+        for part in ("val", "test"):
+            if check.get(part):
+                m = check[part]
+                groups = ", ".join(f"{g}: {v['no_dog']:.1%} of {v['photos']}" for g, v in m["not_dogs"].items())
+                lines.append(f"| {part} | {m['dogs_lost']:.1%} of {m['dogs']} | {groups or '-'} |")
+        out.append(f"""## Dog check
+
+`{check['method']}`: {check.get('description', '')}. A photo whose dog score is below {check['threshold']} is
+answered `no_dog` ({check.get('threshold_rule', '')}).
+
+| photos | dogs answered no_dog | not-dogs answered no_dog |
+|---|---|---|
+{chr(10).join(lines)}
+""")
+    return "\n".join(out)
 
 
 def run_fit(run: dict) -> str:
@@ -107,8 +198,27 @@ def _run_photos(run_dir: Path, run: dict, parts: tuple[str, ...], size: int) -> 
     return loaded.pixels, loaded.labels
 
 
+def _not_dog_photos(run: dict, size: int, calibration_photos: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Not-dog photos of the run's dog check (trainer.not_dogs split): up to
+    ``calibration_photos`` of the fit part for the int8 calibration, the val and test parts to
+    measure the variants' no-dog decisions. Empty arrays when the folder is not there."""
+    from trainer import not_dogs
+
+    split = (run.get("dog_check") or {}).get("not_dog_split") or {}
+    empty = np.zeros((0, size, size, 3), np.uint8)
+    folder = Path(split.get("source", ""))
+    if not split or not folder.is_dir():
+        return empty, empty
+    parts = not_dogs.split_not_dogs(not_dogs.find_not_dogs(folder), str(folder))
+    fit = run_fit(run)
+    calibration, _ = not_dogs.load_pixels(folder, sorted(parts.fit, key=not_dogs.order)[:calibration_photos], size, fit, progress=False)
+    heldout, _ = not_dogs.load_pixels(folder, parts.val + parts.test, size, fit, progress=False)
+    return calibration, heldout
+
+
 def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_dir: Path,
-                          heldout_parts: tuple[str, ...] = ("val", "test")) -> tuple[dict, dict]:
+                          heldout_parts: tuple[str, ...] = ("val", "test"),
+                          dog_threshold: float | None = None) -> tuple[dict, dict]:
     """OpenVINO int8/bf16 variants (trainer.fast_runtimes) of the exported SavedModel: int8
     calibrated on the run's training photos; agreement with fp32 measured on its validation +
     test photos (``heldout_parts``). Returns (extra files, manifest runtimes entries); ({}, {}) when OpenVINO is
@@ -122,12 +232,19 @@ def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_
     try:
         calibration, _ = _run_photos(run_dir, run, ("train",), size)
         heldout, labels = _run_photos(run_dir, run, tuple(heldout_parts), size)
+        if dog_threshold is not None:  # photos without a dog: int8 must see them and keep their decision
+            extra_calibration, extra_heldout = _not_dog_photos(run, size)
+            calibration = np.concatenate([calibration[:fast_runtimes.MAX_CALIBRATION - len(extra_calibration)],
+                                          extra_calibration])
+            heldout = np.concatenate([heldout, extra_heldout])
+            labels = np.concatenate([labels, np.full(len(extra_heldout), -1, labels.dtype)])
         if len(heldout) == 0:
             log.warning("no held-out photos to measure agreement on: publishing the TensorFlow model only")
             return {}, {}
         return fast_runtimes.build_openvino_variants(saved_model_dir, work_dir, calibration=calibration,
                                                      heldout=heldout, heldout_labels=labels,
-                                                     heldout_split="+".join(heldout_parts))
+                                                     heldout_split="+".join(heldout_parts),
+                                                     num_classes=len(run["classes"]), dog_threshold=dog_threshold)
     except Exception:  # noqa: BLE001 - a faster variant is optional; the SavedModel always ships
         log.exception("building the OpenVINO variants failed: publishing the TensorFlow model only")
         return {}, {}
@@ -154,19 +271,22 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
         "hyperparameters": run["hyperparameters"],
         "training": {"family": run["family"], "data": run["config"]["data"], "split": run["split"],
                      "phases": run["phases"], "seconds": run["seconds"], "config": run["config"]},
+        **scoring_fields(run, len(labels)),
     }
     if version:
         fields["version"] = version
     extra = {f"plots/{p}": run_dir / p for p in PLOTS if (run_dir / p).exists()}
     extra["split.json"] = run_dir / "split.json"
-    artifact._check_keras_model(model, num_classes=len(labels), input_size=input_size)
+    artifact._check_keras_model(model, num_classes=len(labels) + (1 if fields.get("dog_check") else 0),
+                                input_size=input_size)
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=Path(dest).parent) as tmp:
         saved = Path(tmp) / artifact.MODEL_DIR
         artifact.export_saved_model(model, saved)
         runtimes = {"tf": {"path": artifact.MODEL_DIR, "precision": "fp32"}}
         if fast_runtimes:
-            files, entries = fast_runtime_variants(run_dir, run, saved, Path(tmp) / "variants", heldout_parts)
+            files, entries = fast_runtime_variants(run_dir, run, saved, Path(tmp) / "variants", heldout_parts,
+                                                   dog_threshold=(fields.get("dog_check") or {}).get("threshold"))
             extra.update(files)
             runtimes.update(entries)
         fields["runtimes"] = runtimes

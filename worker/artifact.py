@@ -55,7 +55,11 @@ __all__ = [
     "write_artifact",
 ]
 
-SCHEMA_VERSION = 1
+# 2: the model's output may carry a dog score column (``dog_check``) and calibrated breed
+# scores (``calibration``); a schema-1 reader would take the dog score for a breed, so it must
+# refuse these artifacts. Schema-1 artifacts (no dog check, temperature 1) are still served.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 MODEL_DIR = "model"
 LABELS_FILE = "labels.json"
@@ -148,6 +152,11 @@ class ArtifactManifest:
     # worker.images fit the model was trained with; manifests written before the field existed
     # were trained on squashed photos
     input_fit: str = LEGACY_FIT
+    # {"method", "threshold", "score_column" (= num_classes), ...}: the model's output has one
+    # more column, the dog score; a photo scoring below the threshold has no dog. {}: no check.
+    dog_check: dict = field(default_factory=dict)
+    # {"temperature", ...}: the breed scores are calibrated inside the model. {}: T = 1.
+    calibration: dict = field(default_factory=dict)
 
     # Class constant (no annotation, so not a dataclass field): field -> (check, description).
     _TYPES = {
@@ -195,8 +204,19 @@ class ArtifactManifest:
             "hyperparameters": dict(self.hyperparameters),
             "training": dict(self.training),
             "runtimes": dict(self.runtimes),
+            "dog_check": dict(self.dog_check),
+            "calibration": dict(self.calibration),
             "files": dict(sorted(self.files.items())),
         }
+
+    @property
+    def output_width(self) -> int:
+        """Columns of the model's output: the breeds, then the dog score when there is a check."""
+        return self.num_classes + (1 if self.dog_check else 0)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0)) if self.calibration else 1.0
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -208,7 +228,7 @@ class ArtifactManifest:
             raise ArtifactError("manifest.json: not a JSON object")
         problems = []
         sv = d.get("schema_version")
-        if _is_int(sv) and sv > SCHEMA_VERSION:
+        if _is_int(sv) and sv > max(READABLE_SCHEMA_VERSIONS):
             raise ArtifactError(
                 f"manifest.json: schema_version {sv} is newer than this code understands ({SCHEMA_VERSION})"
             )
@@ -220,13 +240,45 @@ class ArtifactManifest:
         fit = d.get("input_fit", LEGACY_FIT)
         if fit not in FITS:
             problems.append(f"manifest.json: field 'input_fit' must be one of {list(FITS)}, got {fit!r}")
+        dog_check, calibration = d.get("dog_check") or {}, d.get("calibration") or {}
+        problems += _dog_check_problems(dog_check, d.get("num_classes")) + _calibration_problems(calibration)
         if problems:
             raise ArtifactError("; ".join(problems), problems)
         kwargs = {name: d[name] for name in cls._TYPES}
         kwargs["input_fit"] = fit
+        kwargs["dog_check"], kwargs["calibration"] = dict(dog_check), dict(calibration)
         kwargs["input_size"] = [int(x) for x in d["input_size"]]
         return cls(**kwargs)
 
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _dog_check_problems(dog_check: Any, num_classes: Any) -> list[str]:
+    if not isinstance(dog_check, dict):
+        return [f"manifest.json: field 'dog_check' must be an object, got {dog_check!r}"]
+    if not dog_check:
+        return []
+    problems = []
+    if not isinstance(dog_check.get("method"), str) or not dog_check["method"]:
+        problems.append("manifest.json: dog_check.method must be a non-empty string")
+    threshold = dog_check.get("threshold")
+    if not _number(threshold) or not 0.0 <= threshold <= 1.0:
+        problems.append(f"manifest.json: dog_check.threshold must be a number in [0, 1], got {threshold!r}")
+    if dog_check.get("score_column") != num_classes:
+        problems.append(f"manifest.json: dog_check.score_column must be num_classes ({num_classes!r}): the dog score "
+                        f"is the column after the breeds, got {dog_check.get('score_column')!r}")
+    return problems
+
+
+def _calibration_problems(calibration: Any) -> list[str]:
+    if not isinstance(calibration, dict):
+        return [f"manifest.json: field 'calibration' must be an object, got {calibration!r}"]
+    temperature = calibration.get("temperature", 1.0)
+    if calibration and (not _number(temperature) or not temperature > 0):
+        return [f"manifest.json: calibration.temperature must be a positive number, got {temperature!r}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -234,7 +286,7 @@ class LoadedArtifact:
     path: Path
     manifest: ArtifactManifest
     labels: list[Label]
-    predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, H, W, 3) 0..255 -> (n, num_classes)
+    predict: Callable[[np.ndarray], np.ndarray]  # float32 (n, H, W, 3) 0..255 -> (n, manifest.output_width)
     runtime: str = "tf"  # the manifest "runtimes" key serving predict (worker.runtimes)
     provenance: Any = None  # worker.signature.Provenance: manifest digest, signature verified or not
 
@@ -405,7 +457,7 @@ def write_artifact(
     fields = dict(manifest_fields)
     if "files" in fields:
         raise ArtifactError("write_artifact: 'files' is computed, do not pass it in manifest_fields")
-    unknown = set(fields) - set(ArtifactManifest._TYPES) - {"input_fit"}
+    unknown = set(fields) - set(ArtifactManifest._TYPES) - {"input_fit", "dog_check", "calibration"}
     if unknown:
         raise ArtifactError(f"write_artifact: unknown manifest fields {sorted(unknown)}")
     for required in ("name", "backbone", "input_size"):
@@ -433,7 +485,8 @@ def write_artifact(
     ArtifactManifest.from_dict({**fields, "files": {}})
 
     if keras_model is not None:
-        _check_keras_model(keras_model, num_classes=len(labels), input_size=fields["input_size"])
+        width = len(labels) + (1 if fields.get("dog_check") else 0)
+        _check_keras_model(keras_model, num_classes=width, input_size=fields["input_size"])
 
     extras: dict[str, Path] = {}
     for rel, src in (extra_files or {}).items():
@@ -975,6 +1028,7 @@ def load_artifact(uri: str, *, s3=None, cache_dir: Path | None = None, runtime: 
     manifest = ArtifactManifest.from_dict(json.loads(manifest_bytes))  # the bytes just vouched for
     labels = read_labels(path)
     entry = runtimes.select(manifest.runtimes, runtime)
-    predict = runtimes.load(path, entry, input_size=manifest.input_size, num_classes=manifest.num_classes)
+    predict = runtimes.load(path, entry, input_size=manifest.input_size, num_classes=manifest.num_classes,
+                            outputs=manifest.output_width)
     return LoadedArtifact(path=Path(path), manifest=manifest, labels=labels, predict=predict, runtime=entry.key,
                           provenance=provenance)

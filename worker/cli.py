@@ -32,6 +32,14 @@ def main(log_format):
     configure_logging(log_format)
 
 
+DOG_CHECK_HELP = ("Apply the model's dog check (a photo whose dog score is below the artifact's threshold is "
+                  "answered no_dog, its breed fields null, its top-k kept as a hint). --no-dog-check gives every "
+                  "photo a breed. Env: DOGBREEDS_DOG_CHECK=0 turns it off.")
+MIN_SCORE_HELP = ("Photos whose best breed score (a calibrated probability) is below this are answered uncertain, "
+                  "with their top-k, for human review; pick it from the model card's risk-coverage table. "
+                  "Env: DOGBREEDS_MIN_SCORE.")
+
+
 def _load_classifier(model_uri: str, top_k: int, trusted_key: str | None = None, model_digest: str | None = None,
                      **kw):
     """Load and verify the artifact (its signature against ``trusted_key`` when one is given,
@@ -102,17 +110,21 @@ def _photo_paths(paths: tuple[str, ...]) -> tuple[list[Path], bool]:
               help="Model variant: auto (the fastest data-only variant whose recorded agreement with fp32 "
                    "passed; the TensorFlow SavedModel only with DOGBREEDS_ALLOW_SAVEDMODEL=1), tf, openvino, or a "
                    "key of the artifact's runtimes such as openvino-int8. Env: DOGBREEDS_RUNTIME.")
+@click.option("--dog-check/--no-dog-check", default=lambda: _env().dog_check, help=DOG_CHECK_HELP)
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=lambda: _env().min_score, help=MIN_SCORE_HELP)
 @trust_options
-def predict(model_uri, paths, top_k, batch_size, as_json, runtime, trusted_key, model_digest):
-    """Top-k breeds for photos or folders of photos. Unreadable files are reported per file
-    (with their error code) and never stop the run."""
+def predict(model_uri, paths, top_k, batch_size, as_json, runtime, dog_check, min_score, trusted_key, model_digest):
+    """Top-k breeds for photos or folders of photos: status ok (a breed), no_dog (no dog in the
+    photo, per the model's dog check) or uncertain (below --min-score). Unreadable files are
+    reported per file (with their error code) and never stop the run."""
     import numpy as np
     from tqdm.auto import tqdm
 
     from worker.images import ImageDecodeError, load_image
 
     _logs_to_stderr()
-    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, runtime=runtime)
+    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, runtime=runtime, dog_check=dog_check,
+                                  min_score=min_score)
     files, had_folder = _photo_paths(paths)
     results: list[dict | None] = [None] * len(files)  # filled as photos are classified, printed in order
     printed = 0
@@ -127,11 +139,15 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime, trusted_key, 
 
     def flush(batch):
         if batch:
-            tops = classifier.classify(np.stack([pixels for _, _, pixels in batch]))
-            for (index, path, _), top in zip(batch, tops):
-                emit(index, {"path": str(path), "status": "ok", "breed": top[0].breed, "synset": top[0].synset,
-                             "score": round(top[0].score, 4),
-                             "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)} for t in top]})
+            predictions = classifier.predict(np.stack([pixels for _, _, pixels in batch]))
+            for (index, path, _), p in zip(batch, predictions):
+                best = p.breed
+                emit(index, {"path": str(path), "status": p.status, "breed": best.breed if best else None,
+                             "synset": best.synset if best else None,
+                             "score": round(best.score, 4) if best else None,
+                             "dog_score": None if p.dog_score is None else round(p.dog_score, 4),
+                             "top_k": [{"breed": t.breed, "synset": t.synset, "score": round(t.score, 4)}
+                                       for t in p.top_k]})
         batch.clear()
 
     batch = []
@@ -151,18 +167,31 @@ def predict(model_uri, paths, top_k, batch_size, as_json, runtime, trusted_key, 
     if not as_json:
         _print_table(results, top_k)
     errors = sum(r["status"] == "error" for r in results)
+    if not as_json:
+        answered = {s: sum(r["status"] == s for r in results) for s in ("no_dog", "uncertain") if any(
+            r["status"] == s for r in results)}
+        if answered:
+            click.echo(", ".join(f"{n} {s}" for s, n in answered.items()) + f" of {len(results)} photos", err=True)
     if errors and not as_json:
         click.echo(f"{errors} of {len(results)} photos could not be classified", err=True)
 
 
+def _env():
+    from worker.settings import WorkerEnvironment
+
+    return WorkerEnvironment.from_env()
+
+
 def _pipeline(model_uri: str, batch_size: int, threads: int, top_k: int, reader=None, runtime: str | None = None,
-              trusted_key: str | None = None, model_digest: str | None = None):
+              dog_check: bool = True, min_score: float | None = None, trusted_key: str | None = None,
+              model_digest: str | None = None):
     from worker.pipeline import Pipeline, PipelineSettings
-    from worker.settings import WorkerEnvironment, client
+    from worker.settings import client
 
     s3 = client("s3")
-    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, s3=s3, runtime=runtime)
-    budget = WorkerEnvironment.from_env().decode_budget_pixels  # DOGBREEDS_DECODE_BUDGET_PIXELS
+    classifier = _load_classifier(model_uri, top_k, trusted_key, model_digest, s3=s3, runtime=runtime,
+                                  dog_check=dog_check, min_score=min_score)
+    budget = _env().decode_budget_pixels  # DOGBREEDS_DECODE_BUDGET_PIXELS
     return Pipeline(classifier, s3, PipelineSettings(batch_size=batch_size, download_threads=threads, top_k=top_k,
                                                      decode_budget_pixels=budget), reader=reader)
 
@@ -190,6 +219,8 @@ def worker_options(command):
                      help="Model variant: auto (the fastest data-only variant whose recorded agreement with fp32 "
                           "passed; the TensorFlow SavedModel only with DOGBREEDS_ALLOW_SAVEDMODEL=1), tf, openvino, "
                           "or a key of the artifact's runtimes such as openvino-int8 (env DOGBREEDS_RUNTIME)."),
+        click.option("--dog-check/--no-dog-check", default=env.dog_check, show_default=True, help=DOG_CHECK_HELP),
+        click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=env.min_score, help=MIN_SCORE_HELP),
     ]
     command = trust_options(command)  # listed after the options above
     for option in reversed(options):
@@ -216,9 +247,9 @@ def worker_options(command):
               show_default=True, help="A prefix job listing more photos than this is split into continuation job "
                                        "messages of this many keys, sent back to the queue "
                                        "(env DOGBREEDS_PREFIX_PAGE_KEYS).")
-def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, trusted_key,
-        model_digest, queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages, until_empty,
-        pipelined, prefix_page_keys):
+def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check, min_score,
+        trusted_key, model_digest, queue_url, wait_seconds, visibility_timeout, heartbeat, retry_delay, max_messages,
+        until_empty, pipelined, prefix_page_keys):
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
@@ -230,8 +261,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 
     if prefix_page_keys < 1:
         raise click.BadParameter("must be >= 1", param_hint="--prefix-page-keys")
-    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, trusted_key=trusted_key,
-                         model_digest=model_digest)
+    pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
+                         min_score=min_score, trusted_key=trusted_key, model_digest=model_digest)
     output = OutputSettings(output_bucket, output_prefix, jsonl, page_keys=prefix_page_keys,
                             max_prefix_keys=WorkerEnvironment.from_env().max_prefix_keys)
     poller = Poller(client("sqs"), pipeline, output,
@@ -253,8 +284,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
 @click.option("--out", help="Where to write the manifest: a local file or s3://bucket/key "
                             "(default: s3://<bucket>/<output-prefix>/<job-id>.json for S3 sources, "
                             "./<job-id>.json for local folders).")
-def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, trusted_key,
-             model_digest, source, job_id, out):
+def classify(model_uri, output_bucket, output_prefix, batch_size, download_threads, top_k, jsonl, runtime, dog_check,
+             min_score, trusted_key, model_digest, source, job_id, out):
     """Classify every photo under SOURCE (a local folder or s3://bucket/prefix) and write one
     manifest, without a queue."""
     import hashlib
@@ -270,8 +301,8 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     job_id = job_id or "classify-" + hashlib.sha256(source.encode()).hexdigest()[:16]
     if source.startswith("s3://"):
         uri = S3Uri.parse(source)
-        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, trusted_key=trusted_key,
-                             model_digest=model_digest)
+        pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, runtime=runtime, dog_check=dog_check,
+                             min_score=min_score, trusted_key=trusted_key, model_digest=model_digest)
         job = expand_prefix_job(Job(job_id, (), None, "prefix-job", prefix=uri.key, bucket=uri.bucket), pipeline.s3)
     else:
         root = Path(source)
@@ -282,7 +313,8 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
         keys = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         pipeline = _pipeline(model_uri, batch_size, download_threads, top_k, reader=LocalReader(), runtime=runtime,
-                             trusted_key=trusted_key, model_digest=model_digest)
+                             dog_check=dog_check, min_score=min_score, trusted_key=trusted_key,
+                             model_digest=model_digest)
         job = Job(job_id, tuple(ImageRef(str(root), k) for k in keys), None, "local-folder")
     try:
         with tqdm(total=len(job.refs), desc="classify", unit="img", file=sys.stderr) as bar:
@@ -298,7 +330,9 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
         manifests.write_manifest(pipeline.s3, target.bucket, target.key, document, jsonl=jsonl)
     else:
         Path(out).write_text(document.to_jsonl() if jsonl else document.to_json())
-    click.echo(f"{document.counts['ok']} ok, {document.counts['error']} errors -> {out}")
+    counts = document.counts
+    click.echo(f"{counts['ok']} ok, {counts['no_dog']} no_dog, {counts['uncertain']} uncertain, "
+               f"{counts['error']} errors -> {out}")
 
 
 SOURCE_FORMS = """SOURCE is where the manifests are (JSON documents or JSON Lines, as `run` and
@@ -411,6 +445,11 @@ def _print_table(results: list[dict], top_k: int) -> None:
         if r["status"] == "ok":
             others = ", ".join(f"{t['breed']} {t['score']:.2f}" for t in r["top_k"][1:top_k])
             click.echo(f"{r['path'].ljust(width)}  {r['breed']:<28} {r['score']:>6.2f}  {others}")
+        elif r["status"] in ("no_dog", "uncertain"):
+            label = "NO DOG" if r["status"] == "no_dog" else "UNCERTAIN"
+            hint = ", ".join(f"{t['breed']} {t['score']:.2f}" for t in r["top_k"][:top_k])
+            dog = f" (dog score {r['dog_score']:.2f})" if r.get("dog_score") is not None else ""
+            click.echo(f"{r['path'].ljust(width)}  {label + dog:<35}  hint: {hint}")
         else:
             click.echo(f"{r['path'].ljust(width)}  ERROR {r['error_code']}: {r['error_message']}")
 

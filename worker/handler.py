@@ -40,7 +40,8 @@ def get_pipeline(env: WorkerEnvironment) -> Pipeline:
         if not env.model:
             raise RuntimeError("DOGBREEDS_MODEL is not set: which model artifact should the worker serve?")
         s3 = client("s3")
-        classifier = Classifier.load(env.model, top_k=env.top_k, s3=s3, runtime=env.runtime)
+        classifier = Classifier.load(env.model, top_k=env.top_k, s3=s3, runtime=env.runtime, dog_check=env.dog_check,
+                                     min_score=env.min_score)
         _pipeline = Pipeline(classifier, s3, PipelineSettings(batch_size=env.batch_size,
                                                               download_threads=env.download_threads,
                                                               top_k=env.top_k,

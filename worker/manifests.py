@@ -29,8 +29,13 @@ Schema versions
 job too long for one message was split into, see :mod:`worker.continuations`; ``[]`` otherwise)
 and ``error`` (a job that can produce no items at all, e.g. ``too_many_objects``; ``null``
 otherwise). A version-1 reader would take a split prefix job's empty ``items`` for an empty
-prefix, hence the new number. :func:`read_manifest` reads both versions (a version-1 document
-has no pages and no error).
+prefix, hence the new number. ``3`` adds the model's verdicts to ``2``: item statuses
+``no_dog`` (the model's dog check found no dog) and ``uncertain`` (best breed score below
+``--min-score``), both with ``breed``/``synset``/``score`` null and ``top_k`` kept as a hint; an
+item ``dog_score`` (null for errors and for models without a dog check); ``counts`` lists all
+four statuses. A version-2 reader would not know the new statuses, hence the new number.
+:func:`read_manifest` reads all three versions (a version-1 document has no pages and no error;
+a version-1 or -2 document has no ``dog_score`` and only ``ok``/``error`` items).
 """
 
 from __future__ import annotations
@@ -57,14 +62,17 @@ __all__ = [
     "write_manifest",
 ]
 
-MANIFEST_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+MANIFEST_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_JSONL = "application/x-ndjson"
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-_STATUSES = (STATUS_OK, STATUS_ERROR)
+STATUS_NO_DOG = "no_dog"  # the model's dog check found no dog: breed fields null, top_k a hint
+STATUS_UNCERTAIN = "uncertain"  # best breed score below --min-score: breed fields null, top_k for review
+_STATUSES = (STATUS_OK, STATUS_ERROR, STATUS_NO_DOG, STATUS_UNCERTAIN)
+_CLASSIFIED = (STATUS_OK, STATUS_NO_DOG, STATUS_UNCERTAIN)
 
 SCORE_DECIMALS = 6
 TIMING_DECIMALS = 3
@@ -101,7 +109,10 @@ class TopK:
 
 @dataclass
 class ItemResult:
-    """The outcome for one image (``status`` ``"ok"`` or ``"error"``)."""
+    """The outcome for one image: ``status`` ``"ok"`` (``breed``, ``synset``, ``score`` name the
+    answer), ``"no_dog"`` or ``"uncertain"`` (those three are null; ``top_k`` is a hint for a
+    human) or ``"error"`` (``error_code``, ``error_message``). ``dog_score`` is the model's dog
+    score for every classified photo when the model has a dog check, else null."""
 
     bucket: str
     key: str
@@ -115,6 +126,24 @@ class ItemResult:
     score: float | None = None
     top_k: list[TopK] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    dog_score: float | None = None
+
+    @classmethod
+    def classified(cls, bucket: str, key: str, *, status: str, top_k: Iterable[TopK], dog_score: float | None = None,
+                   etag: str | None = None, version_id: str | None = None,
+                   timings_ms: dict[str, float] | None = None) -> "ItemResult":
+        """A photo the model answered: ``ok`` names its best breed; ``no_dog`` and ``uncertain``
+        keep ``breed``/``synset``/``score`` null and the top-k as a hint."""
+        if status not in _CLASSIFIED:
+            raise ValueError(f"a classified item's status is one of {_CLASSIFIED}, got {status!r}")
+        top_k = list(top_k)
+        if status == STATUS_OK and not top_k:
+            raise ValueError("an ok item needs its top-k breeds")
+        best = top_k[0] if status == STATUS_OK else None
+        return cls(bucket=bucket, key=key, etag=etag, version_id=version_id, status=status,
+                   breed=best.breed if best else None, synset=best.synset if best else None,
+                   score=best.score if best else None, top_k=top_k, timings_ms=dict(timings_ms or {}),
+                   dog_score=dog_score)
 
     @classmethod
     def success(
@@ -170,6 +199,7 @@ class ItemResult:
             "synset": self.synset,
             "score": _num(self.score, SCORE_DECIMALS, "score"),
             "top_k": [t.to_dict() for t in self.top_k],
+            "dog_score": _num(self.dog_score, SCORE_DECIMALS, "dog_score"),
         }
         if include_timings:
             d["timings_ms"] = {
@@ -193,6 +223,7 @@ class ItemResult:
             score=d.get("score"),
             top_k=[TopK.from_dict(t) for t in d.get("top_k") or []],
             timings_ms=dict(d.get("timings_ms") or {}),
+            dog_score=d.get("dog_score"),
         )
 
 
@@ -338,10 +369,10 @@ def build_manifest(
     no wall-clock values (see the module docstring).
     """
     sorted_items = sorted(items, key=ItemResult.sort_key)
-    counts = {STATUS_OK: 0, STATUS_ERROR: 0}
+    counts = {status: 0 for status in _STATUSES}
     for it in sorted_items:
         if it.status not in _STATUSES:
-            raise ValueError(f"item {it.bucket}/{it.key}: status must be 'ok' or 'error', got {it.status!r}")
+            raise ValueError(f"item {it.bucket}/{it.key}: status must be one of {_STATUSES}, got {it.status!r}")
         counts[it.status] += 1
     return Manifest(
         schema_version=MANIFEST_SCHEMA_VERSION,

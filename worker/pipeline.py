@@ -380,9 +380,9 @@ class Pipeline:
             return []
         started = time.perf_counter()
         try:
-            tops = self.classifier.classify(np.stack([f.pixels for f, _ in batch]))
-            if len(tops) != len(batch):
-                raise RuntimeError(f"the model answered {len(tops)} photos of {len(batch)}")
+            predictions = self.classifier.predict(np.stack([f.pixels for f, _ in batch]))
+            if len(predictions) != len(batch):
+                raise RuntimeError(f"the model answered {len(predictions)} photos of {len(batch)}")
         except Exception as error:  # noqa: BLE001 - MemoryError and runtime errors included
             if retry:
                 log.warning("inference failed: retrying photo by photo",
@@ -402,11 +402,11 @@ class Pipeline:
             return [Answer(r, failure=f"infer: {type(error).__name__}: {error}") for r in group]
         per_item = _ms(started) / len(batch)
         return [
-            Answer(r, ItemResult.success(
-                r.ref.bucket, r.ref.key, breed=top[0].breed, synset=top[0].synset, score=top[0].score,
-                top_k=[TopK(t.synset, t.breed, t.score) for t in top], etag=f.etag, version_id=f.version_id,
+            Answer(r, ItemResult.classified(
+                r.ref.bucket, r.ref.key, status=p.status, dog_score=p.dog_score,
+                top_k=[TopK(t.synset, t.breed, t.score) for t in p.top_k], etag=f.etag, version_id=f.version_id,
                 timings_ms={**f.timings_ms, "infer": round(per_item, 3)}))
-            for (f, group), top in zip(batch, tops) for r in group
+            for (f, group), p in zip(batch, predictions) for r in group
         ]
 
 

@@ -13,11 +13,14 @@ IR quantised to int8 (``model-openvino-int8/model.xml``). ``manifest.json`` list
                                       "threshold": 0.99, "passed": true, ...}, ...}
     }
 
-An entry may name a ``fallback`` model (``{"path", "precision", "below_margin"}``): the photos
-whose top-2 probability margin from the first model is below ``below_margin`` are run again with
-it (the int8 variant falls back to bf16 on the few close calls where quantisation noise could
-flip the top-1; see trainer.fast_runtimes). Every variant takes what the SavedModel takes (float32 ``(n, H, W, 3)`` RGB 0..255, the
-preprocessing is inside) and returns the same probabilities. :func:`select` picks one:
+An entry may name a ``fallback`` model (``{"path", "precision", "below_margin"}``, and for a
+model with a dog score ``dog_threshold`` and ``dog_below_margin``): the photos whose top-2 breed
+probability margin from the first model is below ``below_margin``, or whose dog score is within
+``dog_below_margin`` of the dog threshold, are run again with it (the int8 variant falls back
+to bf16 on the few close calls where quantisation noise could flip the top-1 or the dog
+decision; see trainer.fast_runtimes). Every variant takes what the SavedModel takes (float32 ``(n, H, W, 3)`` RGB 0..255, the
+preprocessing is inside) and returns the same output: ``(n, outputs)``, the breeds'
+probabilities and, when the artifact has a dog check, the dog score as the last column. :func:`select` picks one:
 an explicit choice (``--runtime`` / ``$DOGBREEDS_RUNTIME``: a key such as ``openvino-int8``,
 or a runtime name such as ``openvino`` or ``tf``), else ``auto``: the fastest variant whose
 package is installed and whose recorded top-1 agreement with fp32 passed the threshold.
@@ -215,7 +218,7 @@ def tf_micro_batch() -> int:
     return max(1, int(os.environ.get("DOGBREEDS_TF_MICRO_BATCH", "4")))
 
 
-def _checked(fn: Callable[[np.ndarray], np.ndarray], input_size, num_classes: int) -> Predict:
+def _checked(fn: Callable[[np.ndarray], np.ndarray], input_size, outputs: int) -> Predict:
     h, w = (int(v) for v in input_size)
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -223,15 +226,20 @@ def _checked(fn: Callable[[np.ndarray], np.ndarray], input_size, num_classes: in
         if x.ndim != 4 or x.shape[1:] != (h, w, 3):
             raise ValueError(f"expected a float32 batch of shape (n, {h}, {w}, 3), got {x.shape}")
         if x.shape[0] == 0:
-            return np.zeros((0, num_classes), dtype=np.float32)
-        return fn(np.ascontiguousarray(x))
+            return np.zeros((0, outputs), dtype=np.float32)
+        out = fn(np.ascontiguousarray(x))
+        if outputs and out.shape[1:] != (outputs,):
+            raise ValueError(f"the model returned {out.shape[1:]} per photo, the artifact declares {outputs} columns")
+        return out
 
     return predict
 
 
 def load(artifact_path: Path, entry: RuntimeEntry, *, input_size, num_classes: int,
-         threads: int | None = None) -> Predict:
-    """``predict(float32 (n, H, W, 3) RGB 0..255) -> (n, num_classes) probabilities``."""
+         threads: int | None = None, outputs: int | None = None) -> Predict:
+    """``predict(float32 (n, H, W, 3) RGB 0..255) -> (n, outputs)``: the ``num_classes`` breed
+    probabilities, then (``outputs == num_classes + 1``) the dog score. ``outputs`` defaults to
+    ``num_classes``; 0 skips the width check."""
     from worker.artifact import ArtifactError
 
     path = Path(artifact_path) / entry.path
@@ -247,11 +255,14 @@ def load(artifact_path: Path, entry: RuntimeEntry, *, input_size, num_classes: i
             second = Path(artifact_path) / fallback["path"]
             if not second.is_file():
                 raise ArtifactError(f"runtime {entry.key!r}: fallback {second} is missing")
+            dog_threshold = fallback.get("dog_threshold")
             fn = with_fallback(fn, load_openvino_model(second, str(fallback.get("precision", "fp32")), threads=threads),
-                               float(fallback.get("below_margin", 0.0)))
+                               float(fallback.get("below_margin", 0.0)), breed_columns=num_classes or None,
+                               dog_threshold=None if dog_threshold is None else float(dog_threshold),
+                               dog_margin=float(fallback.get("dog_below_margin", 0.0)))
     else:
         raise RuntimeSelectionError(f"runtime {entry.runtime!r} ({entry.key}) is not supported by this worker")
-    predict = _checked(fn, input_size, num_classes)
+    predict = _checked(fn, input_size, num_classes if outputs is None else outputs)
     predict._inner = fn  # keeps the model alive with the function
     return predict
 
@@ -277,15 +288,26 @@ def top2_margin(probs: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def with_fallback(primary, secondary, below_margin: float):
+def with_fallback(primary, secondary, below_margin: float, *, breed_columns: int | None = None,
+                  dog_threshold: float | None = None, dog_margin: float = 0.0):
     """A cascade: ``primary`` (e.g. int8) for every photo; the photos whose top-2 margin is
     below ``below_margin`` -- where quantisation noise could flip the top-1 -- are run again
-    with ``secondary`` (e.g. bf16) and take its answer. ``run.calls``/``run.fallbacks`` count
+    with ``secondary`` (e.g. bf16) and take its answer. With ``breed_columns`` the margin is
+    taken over the first columns only (the breeds; the last is the dog score), and with
+    ``dog_threshold`` the photos whose dog score is within ``dog_margin`` of it are re-run too
+    (quantisation noise could flip the dog decision). ``run.calls``/``run.fallbacks`` count
     photos."""
+
+    def close_calls(out: np.ndarray) -> np.ndarray:
+        breeds = out[:, :breed_columns] if breed_columns else out
+        close = top2_margin(breeds) < below_margin
+        if dog_threshold is not None and breed_columns and out.shape[1] > breed_columns:
+            close |= np.abs(out[:, breed_columns] - dog_threshold) < dog_margin
+        return close
 
     def run(x: np.ndarray) -> np.ndarray:
         probs = primary(x)
-        low = np.flatnonzero(top2_margin(probs) < below_margin)
+        low = np.flatnonzero(close_calls(probs))
         if low.size:
             probs[low] = secondary(np.ascontiguousarray(x[low]))
         run.calls += len(x)

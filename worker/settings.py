@@ -36,8 +36,13 @@ ENV = {
                              "kms://<key id, alias/name or ARN>; unset: serve unverified artifacts (with a warning)",
     "DOGBREEDS_MODEL_DIGEST": "sha256 of the manifest.json to serve (optional pin; any other manifest is refused)",
     "DOGBREEDS_CACHE": "local cache folder for model artifacts and features (default: ~/.cache/dogbreeds)",
+    "DOGBREEDS_DOG_CHECK": "0 to turn the model's dog check off (default 1: photos scoring below the artifact's "
+                           "dog threshold are answered no_dog)",
+    "DOGBREEDS_MIN_SCORE": "photos whose best breed score is below this (0..1) are answered uncertain (default: none)",
     "DOGBREEDS_LOG_FORMAT": "auto (default: text on a terminal, JSON otherwise), json or text",
 }
+
+_OFF = ("0", "false", "no", "off")
 
 #: boto3 retries with exponential backoff and jitter (throttling, 5xx, connection errors).
 BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32)
@@ -54,6 +59,8 @@ class WorkerEnvironment:
     top_k: int
     jsonl: bool
     runtime: str = "auto"
+    dog_check: bool = True
+    min_score: float | None = None
     decode_budget_pixels: int | None = None
     lambda_safety_ms: int = 10_000  # worker.deadline.DEFAULT_SAFETY_MS
     prefix_page_keys: int = 100  # worker.continuations.DEFAULT_PAGE_KEYS
@@ -73,6 +80,8 @@ class WorkerEnvironment:
             top_k=int(env.get("DOGBREEDS_TOP_K", "5")),
             jsonl=env.get("DOGBREEDS_JSONL", "0") in ("1", "true", "yes"),
             runtime=env.get("DOGBREEDS_RUNTIME") or "auto",
+            dog_check=env.get("DOGBREEDS_DOG_CHECK", "1").strip().lower() not in _OFF,
+            min_score=float(env["DOGBREEDS_MIN_SCORE"]) if env.get("DOGBREEDS_MIN_SCORE", "").strip() else None,
             decode_budget_pixels=int(env["DOGBREEDS_DECODE_BUDGET_PIXELS"]) if env.get("DOGBREEDS_DECODE_BUDGET_PIXELS")
             else None,
             lambda_safety_ms=int(env.get("DOGBREEDS_LAMBDA_SAFETY_MS") or 10_000),

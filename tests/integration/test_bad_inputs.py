@@ -258,7 +258,7 @@ def test_every_kind_of_bad_input_gets_its_documented_outcome_and_the_batch_is_un
             problems.append(f"{key}: ok {item['breed']} (wanted {expected})")
     assert not problems, "\n".join(problems)
     n_ok = sum(1 for _, (status, _) in cases.values() if status == "ok")
-    assert job["counts"] == {"ok": n_ok, "error": len(cases) - n_ok}
+    assert job["counts"] == {"ok": n_ok, "error": len(cases) - n_ok, "no_dog": 0, "uncertain": 0}
 
     # the S3 event for the URL-encoded key: one more manifest, the key decoded exactly once
     assert len(docs) == 1, sorted(docs)

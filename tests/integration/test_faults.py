@@ -154,7 +154,7 @@ def check_final_manifests(s3, jobs: dict[str, dict[str, str]]) -> dict[str, byte
         bad = [(i["key"], i["status"], i.get("error_code"), i["breed"]) for i in doc["items"]
                if i["status"] != "ok" or i["breed"] != expected[i["key"]]]
         assert not bad, f"{job_id}: {bad}"
-        assert doc["counts"] == {"ok": len(expected), "error": 0}
+        assert doc["counts"] == {"ok": len(expected), "error": 0, "no_dog": 0, "uncertain": 0}
     assert max(seen.values()) == 1, [k for k, c in seen.items() if c > 1]
     return docs
 

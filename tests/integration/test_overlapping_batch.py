@@ -75,7 +75,7 @@ def check_manifests(s3, bodies, alone, prefix: str) -> None:
             assert item["etag"] == s3.head_object(Bucket=BUCKET, Key=item["key"])["ETag"].strip('"')
     # j4 names d twice: one item; the awkward key is read and named as sent
     assert json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}/j4.json")["Body"].read())["counts"] == {
-        "ok": 1, "error": 0}
+        "ok": 1, "error": 0, "no_dog": 0, "uncertain": 0}
 
 
 def test_the_overlapping_batch_through_the_worker_command(stack, colour_artifact):

@@ -48,6 +48,23 @@ def test_fit_trains_a_transfer_model_that_beats_chance_clearly(fitted_run):
     assert "test: top-1" in output
 
 
+def test_fit_calibrates_and_fits_a_dog_check_from_the_sample_not_dogs_by_default(fitted_run):
+    """No flag: DATA/not-dogs/ (samples/photos/not-dogs) is found, split, and the dog head fitted;
+    the temperature is fitted on the validation split."""
+    run_dir, output = fitted_run
+    run = json.loads((run_dir / "run.json").read_text())
+    check, cal = run["dog_check"], run["calibration"]
+    assert check["method"] == "dog-head" and 0.0 < check["threshold"] < 1.0
+    assert check["not_dog_split"]["fit"] == 19 and check["not_dog_split"]["test"] == 18
+    assert check["test"]["not_dogs"]["cats"]["photos"] + check["test"]["not_dogs"]["imagenet-objects"]["photos"] == 18
+    assert check["val"]["dogs_lost"] <= 0.01 + 1e-9  # the threshold rule, on the photos that chose it
+    assert cal["temperature"] > 0 and cal["test"]["photos"] == 18 and len(cal["test"]["risk_coverage"]) == 6
+    assert (run_dir / "calibration.png").stat().st_size > 10_000 and (run_dir / "dog_head.npz").exists()
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["calibration"]["temperature"] == cal["temperature"] and evaluation["dog_check"] == check
+    assert "dog check (dog-head" in output and "calibration: T =" in output
+
+
 def test_evaluate_command_recomputes_the_same_metrics(fitted_run):
     run_dir, _ = fitted_run
     before = json.loads((run_dir / "evaluation.json").read_text())
@@ -85,8 +102,23 @@ def test_publish_then_predict_serves_the_same_predictions_as_training(fitted_run
                              catch_exceptions=False)
     assert out.exit_code == 0, out.output
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    correct = sum(r["synset"] == Path(r["path"]).parent.name.split("-")[0] for r in rows)
+    correct = sum(r["top_k"][0]["synset"] == Path(r["path"]).parent.name.split("-")[0] for r in rows)
     assert correct / len(rows) == pytest.approx(expected["top1"], abs=1 / 18 + 1e-9)
+    assert sum(r["status"] == "ok" for r in rows) >= 17  # the dog check lets the dogs through
+    assert manifest["dog_check"]["score_column"] == 3 and manifest["calibration"]["temperature"] > 0
+    assert "## Dog check" in (artifact_dir / "README.md").read_text() and "plots/calibration.png" in manifest["files"]
+
+    # The held-out photos without a dog (never fitted on, never used for the threshold) are answered
+    # no_dog; with --no-dog-check they get a breed.
+    from trainer.not_dogs import find_not_dogs, split_not_dogs
+
+    not_dogs = SAMPLES / "not-dogs"
+    held_out = [str(not_dogs / p) for p in split_not_dogs(find_not_dogs(not_dogs)).test]
+    for flags, status in (((), "no_dog"), (("--no-dog-check",), "ok")):
+        out = CliRunner().invoke(worker_cli, ["predict", "--model", str(tmp_path / "models" / "breeds3"), "--json",
+                                              *flags, *held_out], catch_exceptions=False)
+        statuses = [json.loads(line)["status"] for line in out.stdout.splitlines() if line.startswith("{")]
+        assert len(statuses) == 18 and statuses.count(status) >= (16 if status == "no_dog" else 18), statuses
 
     refused = CliRunner().invoke(worker_cli, ["predict", "--model", str(tmp_path / "models" / "breeds3"),
                                               "--trusted-key", str(tmp_path / "keys" / "other.pub"),

@@ -51,7 +51,7 @@ def test_classify_a_local_folder_writes_one_manifest(tmp_path, colour_artifact):
     result = CliRunner().invoke(main, ["classify", "--model", str(colour_artifact), str(folder), "--out", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["counts"] == {"ok": 4, "error": 1}
+    assert doc["counts"] == {"ok": 4, "error": 1, "no_dog": 0, "uncertain": 0}
     by_key = {item["key"]: item for item in doc["items"]}
     assert by_key["sub/samoyed.png"]["breed"] == "Samoyed"
     assert by_key["broken.jpg"]["status"] == "error"

@@ -97,7 +97,7 @@ def test_a_redelivered_message_overwrites_one_manifest_with_identical_content(st
     assert first == second
     after = manifests_in(s3)
     assert set(after) - set(before) == {"manifests/job-42.json"}
-    assert json.loads(first)["counts"] == {"ok": 3, "error": 0}
+    assert json.loads(first)["counts"] == {"ok": 3, "error": 0, "no_dog": 0, "uncertain": 0}
 
 
 def test_a_malformed_message_goes_to_the_dlq_and_others_are_unaffected(stack, colour_artifact):
@@ -208,7 +208,7 @@ def test_a_long_prefix_job_is_split_into_pages_sent_back_to_its_queue_by_the_lam
     docs = manifests_in(s3)
     for shoot in ("lambda", "poller"):
         parent = docs.pop(f"manifests/shoot-{shoot}.json")
-        assert parent["schema_version"] == 2 and parent["items"] == [] and parent["error"] is None
+        assert parent["schema_version"] == 3 and parent["items"] == [] and parent["error"] is None
         assert [c["photos"] for c in parent["continuations"]] == [4, 4, 2]
         found = []
         for page in parent["continuations"]:

@@ -10,11 +10,12 @@ Invariants, for every message of every batch:
   manifest PUT worked (fault isolation: nobody else's fault fails it);
 * a successful message's manifest lists exactly its message's photos (a job's keys once each,
   an event's records, a prefix's listing) and each item is what that photo gets classified
-  alone: the label of its own pixels, or its own error code, with the ETag/version read;
+  alone: the verdict of its own pixels (ok with its label, or no_dog, with its dog score), or
+  its own error code, with the ETag/version read;
 * a deleted message has that manifest; a message that failed is not deleted.
 
 The oracle is computed from the generated world (the objects, their versions, the faults)
-without the worker's code: the fake model's label is a pure function of the pixels.
+without the worker's code: the fake model's label and dog score are pure functions of the pixels.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import MemoryS3, MemorySQS, PixelClassifier, client_error, label_of, photo, s3_event
+from tests.fakes import MemoryS3, MemorySQS, PixelClassifier, client_error, photo, prediction_of, s3_event
 from worker import images
 from worker.jobs import OutputSettings, QueuedMessage, process_messages
 from worker.manifests import read_manifest
@@ -39,6 +40,7 @@ BUCKETS = ("photos", "more photos".replace(" ", "-"))
 OUT = "out"  # manifests go to their own bucket, so prefix listings never see them
 PREFIXES = ("", "p/", "q r/", "é/")
 FAIL = "fail"
+DOG_THRESHOLD = 0.25  # the fake model's dog check: about a quarter of the photos are answered no_dog
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -72,7 +74,7 @@ class World:
         self.next_photo = 1
         self.decode_faults: dict[bytes, BaseException] = {}
         self.infer_always: set[int] = set()  # photo ids whose inference fails even alone
-        self.classifier = PixelClassifier()
+        self.classifier = PixelClassifier(dog_threshold=DOG_THRESHOLD)
 
     def __repr__(self) -> str:
         objects = {f"{b}/{k}": [(v.version_id, v.etag[:6], len(v.body)) for v in vs] for (b, k), vs in self.s3.objects.items()}
@@ -113,7 +115,9 @@ class World:
             return (bucket, key, "error", error.code, None, version.etag, version.version_id)
         if int.from_bytes(bytes(pixels[0, 0]), "big") in self.infer_always:
             return FAIL
-        return (bucket, key, "ok", None, label_of(pixels)[0].breed, version.etag, version.version_id)
+        answer = prediction_of(pixels, DOG_THRESHOLD)
+        breed = answer.breed.breed if answer.breed else None
+        return (bucket, key, answer.status, None, breed, version.etag, version.version_id, answer.dog_score)
 
     def expect(self, spec) -> list | str:
         """The items of a message's manifest (sorted), or FAIL."""
@@ -143,7 +147,8 @@ def _sortable(item: tuple) -> tuple:
 
 
 def manifest_items(doc) -> list[tuple]:
-    return sorted(((i.bucket, i.key, i.status, i.error_code, i.breed, i.etag, i.version_id) for i in doc.items),
+    return sorted(((i.bucket, i.key, i.status, i.error_code, i.breed, i.etag, i.version_id)
+                   + ((i.dog_score,) if i.status != "error" else ()) for i in doc.items),
                   key=_sortable)
 
 
@@ -364,5 +369,6 @@ def test_a_job_naming_a_key_twice_gets_one_item_for_it(names, expected):
     finally:
         pipeline.close()
     doc = read_manifest(world.s3, "photos", "manifests/twice.json")
-    assert [i.key for i in doc.items] == sorted(set(names)) and doc.counts == {"ok": expected, "error": 0}
+    assert [i.key for i in doc.items] == sorted(set(names))
+    assert sum(doc.counts.values()) == expected and doc.counts["error"] == doc.counts["uncertain"] == 0
     assert outcome.succeeded_ids == ["m"] and all(n == 1 for n in world.s3.reads.values())

@@ -60,13 +60,13 @@ def test_manifest_key_is_deterministic():
 
 def test_build_manifest_sorts_items_and_counts():
     m = build_manifest("job-1", "job", MODEL, items())
-    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 2
+    assert m.schema_version == MANIFEST_SCHEMA_VERSION == 3
     assert [(it.bucket, it.key) for it in m.items] == [
         ("another-bucket", "z.jpg"), ("dog-photos", "a/1.jpg"), ("dog-photos", "a/broken.jpg"), ("dog-photos", "b/2.jpg"),
     ]
-    assert m.counts == {"ok": 3, "error": 1}
+    assert m.counts == {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0}
     doc = json.loads(m.to_json())
-    assert doc["counts"] == {"ok": 3, "error": 1}
+    assert doc["counts"] == {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0}
     assert doc["job_id"] == "job-1" and doc["source"] == "job" and doc["model"] == MODEL
 
 
@@ -83,7 +83,8 @@ def test_to_json_is_deterministic_regardless_of_item_order():
     # also when a Manifest is constructed directly with unsorted items
     unsorted = [items()[i] for i in (1, 3, 0, 2)]
     assert [(i.bucket, i.key) for i in unsorted] != sorted((i.bucket, i.key) for i in unsorted)
-    direct = Manifest(MANIFEST_SCHEMA_VERSION, "job-1", "s3-event", MODEL, unsorted, {"ok": 3, "error": 1})
+    direct = Manifest(MANIFEST_SCHEMA_VERSION, "job-1", "s3-event", MODEL, unsorted,
+                      {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0})
     assert direct.to_json() == a.to_json()
     # canonical form: sorted keys, compact separators
     text = a.to_json()
@@ -123,7 +124,7 @@ def test_to_json_has_no_wall_clock_fields():
     assert set(doc) == {"schema_version", "job_id", "source", "model", "counts", "items", "continuations", "error"}
     assert doc["continuations"] == [] and doc["error"] is None
     assert set(doc["items"][0]) == {"bucket", "key", "etag", "version_id", "status", "error_code", "error_message",
-                                   "breed", "synset", "score", "top_k"}
+                                   "breed", "synset", "score", "top_k", "dog_score"}
 
 
 def test_to_jsonl_one_line_per_item():
@@ -172,7 +173,7 @@ def test_write_read_round_trip(s3):
     back = read_manifest(s3, BUCKET, key)
     assert back.to_json() == m.to_json()
     assert back.job_id == "job-1" and back.source == "s3-event" and back.model == MODEL
-    assert back.counts == {"ok": 3, "error": 1}
+    assert back.counts == {"ok": 3, "error": 1, "no_dog": 0, "uncertain": 0}
     assert [(it.key, it.status, it.breed, it.error_code) for it in back.items] == [
         (it.key, it.status, it.breed, it.error_code) for it in m.items
     ]
@@ -228,7 +229,8 @@ def test_a_split_prefix_job_names_its_pages_in_page_order_and_reads_back(s3):
              Continuation("big.p0002-4e5f6a7b", "s3://b/manifests/big.p0002-4e5f6a7b.json", 7, "a/100.jpg", "a/106.jpg")]
     m = build_manifest("big", "prefix-job", MODEL, [], continuations=pages)
     doc = json.loads(m.to_json())
-    assert doc["items"] == [] and doc["counts"] == {"ok": 0, "error": 0} and doc["error"] is None
+    assert doc["items"] == [] and doc["counts"] == {"ok": 0, "error": 0, "no_dog": 0, "uncertain": 0}
+    assert doc["error"] is None
     assert [c["job_id"] for c in doc["continuations"]] == ["big.p0001-0a1b2c3d", "big.p0002-4e5f6a7b"]
     assert doc["continuations"][1] == {"job_id": "big.p0002-4e5f6a7b", "manifest": "s3://b/manifests/big.p0002-4e5f6a7b.json",
                                        "photos": 7, "first_key": "a/100.jpg", "last_key": "a/106.jpg"}
@@ -245,6 +247,19 @@ def test_a_job_error_is_written_and_read_back(s3):
     assert json.loads(m.to_jsonl()) == {"job_id": "huge", "error": {"code": "too_many_objects", "message": "more than 10"}}
     write_manifest(s3, BUCKET, "m/huge.json", m)
     assert read_manifest(s3, BUCKET, "m/huge.json").error == JobError("too_many_objects", "more than 10")
+
+
+def test_a_version_2_manifest_still_reads(s3):
+    """Version 2 (before the dog check): no dog_score, counts of ok and error only."""
+    doc = json.loads(build_manifest("job-1", "job", MODEL, items()).to_json())
+    doc["schema_version"] = 2
+    doc["counts"] = {"ok": 3, "error": 1}
+    for item in doc["items"]:
+        del item["dog_score"]
+    s3.put_object(Bucket=BUCKET, Key="m/v2.json", Body=json.dumps(doc).encode())
+    old = read_manifest(s3, BUCKET, "m/v2.json")
+    assert old.schema_version == 2 and len(old.items) == 4 and all(i.dog_score is None for i in old.items)
+    assert sorted(i.status for i in old.items) == ["error", "ok", "ok", "ok"] and old.counts == {"ok": 3, "error": 1}
 
 
 def test_a_version_1_manifest_still_reads(s3):

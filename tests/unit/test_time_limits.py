@@ -127,14 +127,14 @@ def test_a_read_still_in_flight_at_the_deadline_is_not_waited_for():
     pipeline = Pipeline(classifier, s3, PipelineSettings(batch_size=1, download_threads=2))
     messages = [QueuedMessage("quick", json.dumps({"job_id": "quick", "bucket": "photos", "keys": ["quick.png"]})),
                 QueuedMessage("stuck", json.dumps({"job_id": "stuck", "bucket": "photos", "keys": ["stuck.png"]}))]
-    original = classifier.classify
+    original = classifier.predict
 
-    def classify_then_run_out(pixels):  # the deadline passes while the stuck read is out
+    def predict_then_run_out(pixels):  # the deadline passes while the stuck read is out
         result = original(pixels)
         remaining[0] = 500.0
         return result
 
-    classifier.classify = classify_then_run_out
+    classifier.predict = predict_then_run_out
     try:
         outcome = process_messages(messages, pipeline, OutputSettings(), deadline)
     finally:
@@ -168,13 +168,13 @@ def ticking(world: World, clock: FakeClock) -> None:
         return Ticking()
 
     s3.get_paginator = get_paginator
-    classify = world.classifier.classify
+    predict = world.classifier.predict
 
-    def classify_ticking(pixels):
+    def predict_ticking(pixels):  # what the pipeline calls
         clock.tick(1000.0 * len(pixels))
-        return classify(pixels)
+        return predict(pixels)
 
-    world.classifier.classify = classify_ticking
+    world.classifier.predict = predict_ticking
 
 
 @SETTINGS
