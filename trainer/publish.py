@@ -30,14 +30,13 @@ def inference_model(run_dir: Path) -> tuple[keras.Model, dict]:
     trained = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
     backbone = None
     if family.inputs == "features":
-        from trainer.backbones import build_backbone
-
-        backbone, source = build_backbone(family.backbone, weights=config.weights,
-                                          input_shape=(config.image_size, config.image_size, 3))
-        if source.sha256 != run["weights"].get("sha256"):
-            raise RuntimeError(f"backbone weights differ from the run's: {source.sha256} != {run['weights'].get('sha256')}")
+        backbone, weights = models.build_feature_backbones(family, config.weights,
+                                                           (config.image_size, config.image_size, 3))
+        if weights.get("sha256") != run["weights"].get("sha256"):
+            raise RuntimeError(f"backbone weights differ from the run's: {weights.get('sha256')} != {run['weights'].get('sha256')}")
     model = models.assemble_inference_model(family, trained, backbone=backbone, preprocessing_choice=config.preprocessing,
-                                            input_shape=(config.image_size, config.image_size, 3))
+                                            input_shape=(config.image_size, config.image_size, 3),
+                                            flip_tta=config.flip_tta)
     return served(model, run, run_dir), run
 
 
