@@ -1,4 +1,8 @@
-"""``dogbreeds-worker``: classify dog photos with a published model artifact."""
+"""``dogbreeds-worker``: classify dog photos with a published model artifact.
+
+One click group for every command the worker offers (predict, classify, run, report, export);
+each command only parses options and calls the module that does the work, so the length is
+option declarations and their help text."""
 
 from __future__ import annotations
 
