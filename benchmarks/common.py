@@ -336,7 +336,7 @@ def default_model(work: Path, name: str = DEFAULT_MODEL_NAME) -> str:
         log(f"using the model trained by an earlier run: {registry / name}")
         return str(registry / name)
     run_dir = work / "run"
-    fit = [str(BIN / "dogbreeds-train"), "fit", str(SAMPLES / "photos"), "--model", "vgg16_transfer",
+    fit = [str(BIN / "dogbreeds-train"), "fit", str(SAMPLES / "photos"), "--model", "vgg16_transfer", "--image-size", "224",
            "--split-file", str(SAMPLES / "MANIFEST.tsv"), "--run-dir", str(run_dir), "--augment-copies", "2",
            "--epochs", "60", "--cache-dir", str(work / "cache")]
     publish = [str(BIN / "dogbreeds-train"), "publish", str(run_dir), "--to", str(registry), "--name", name]
@@ -361,7 +361,7 @@ def child_bare(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     import numpy as np
 
-    from worker.artifact import load_artifact
+    from worker.artifact.loading import load_artifact
 
     started = time.perf_counter()
     loaded = load_artifact(args.model, runtime=args.runtime)

@@ -244,10 +244,9 @@ def child_build_model(dest: str) -> None:
     import keras
     import numpy as np
 
-    from trainer import fast_runtimes
+    from trainer import artifact_writer, fast_runtimes
     from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
-    from worker import artifact
 
     keras.utils.set_random_seed(0)
     backbone = keras.applications.VGG16(include_top=False, weights=None, input_shape=(MODEL_INPUT, MODEL_INPUT, 3))
@@ -264,11 +263,11 @@ def child_build_model(dest: str) -> None:
     heldout = rng.integers(0, 256, (8, MODEL_INPUT, MODEL_INPUT, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory(prefix="decode-memory-model-") as tmp:
         saved = Path(tmp) / "saved"
-        artifact.export_saved_model(model, saved)
+        artifact_writer.export_saved_model(model, saved)
         files, entries = fast_runtimes.build_openvino_variants(saved, Path(tmp) / "variants", calibration=calibration,
                                                                heldout=heldout)
-        labels = [artifact.Label.from_folder(i, f"n{i:08d}-breed_{i}") for i in range(BREEDS)]
-        artifact.write_artifact(
+        labels = [artifact_writer.label_from_folder(i, f"n{i:08d}-breed_{i}") for i in range(BREEDS)]
+        artifact_writer.write_artifact(
             Path(dest), model_dir=saved, labels=labels, extra_files=files,
             manifest_fields={"name": "vgg16-shaped", "version": "v1", "backbone": "vgg16",
                              "input_size": [MODEL_INPUT, MODEL_INPUT], "weights": {"kind": "random", "imagenet": False},

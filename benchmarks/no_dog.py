@@ -284,9 +284,9 @@ def serving_cost(name: str, args, seconds: float = 15.0, rounds: int = 3) -> dic
 
     import openvino as ov
 
-    from trainer import fast_runtimes, models, serving
+    from trainer import artifact_writer, fast_runtimes, models, serving
     from trainer.backbones import build_backbone
-    from worker import artifact, runtimes
+    from worker import runtimes
 
     family_name, size = CONFIGS[name]
     family = models.get_family(family_name)
@@ -316,7 +316,7 @@ def serving_cost(name: str, args, seconds: float = 15.0, rounds: int = 3) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         for key, model in variants.items():
             saved = Path(tmp) / key.replace(" ", "_")
-            artifact.export_saved_model(model, saved)
+            artifact_writer.export_saved_model(model, saved)
             int8 = fast_runtimes.quantize_int8(ov.convert_model(str(saved)), photos)
             xml = saved / "int8.xml"
             ov.save_model(int8, str(xml), compress_to_fp16=False)

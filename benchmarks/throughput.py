@@ -2,7 +2,7 @@
 
 In one run, on this machine:
 
-1. **bare model**: images/s of ``predict`` (the worker's own loader, ``worker.artifact.load_artifact``
+1. **bare model**: images/s of ``predict`` (the worker's own loader, ``worker.artifact.loading.load_artifact``
    with ``runtime=...``) on preprocessed float32 batches of real photos already in memory, per
    runtime/precision the artifact carries and per batch size; one fresh process per runtime.
 2. **end to end**: a moto server on 127.0.0.1 (``infra.local_stack.MotoServer``) stands in for

@@ -4,7 +4,7 @@ breed classifier (the soak run): a photo's dominant colour -> one of three breed
 It is the same recipe as the ``colour_artifact`` test fixture (tests/conftest.py), kept here so that
 benchmarks do not import from ``tests/``: 30 noisy one-colour photos per class, squash-resized to 32x32
 with ``worker.images.load_image``, a Rescaling -> GlobalAveragePooling -> Dense(softmax) Keras model,
-written with ``worker.artifact.write_artifact`` (so it is checksummed and loads like any artifact).
+written with ``trainer.artifact_writer.write_artifact`` (so it is checksummed and loads like any artifact).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def build_colour_artifact(dest: str | os.PathLike, *, epochs: int = 60, seed: in
     empty). Returns ``dest``. Raises ``RuntimeError`` if the model does not learn the training set."""
     import keras
 
-    from worker import artifact, images
+    from trainer import artifact_writer
+    from worker import images
 
     keras.utils.set_random_seed(seed)
     folders = list(COLOUR_BREEDS)
@@ -72,9 +73,9 @@ def build_colour_artifact(dest: str | os.PathLike, *, epochs: int = 60, seed: in
     if accuracy != 1.0:
         raise RuntimeError(f"the tiny colour model did not learn its training set (accuracy {accuracy})")
     dest = Path(dest)
-    artifact.write_artifact(
+    artifact_writer.write_artifact(
         dest, keras_model=model,
-        labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(folders)],
+        labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(folders)],
         manifest_fields={"name": "colours", "version": "v1", "backbone": "none", "input_size": list(INPUT_SIZE),
                          "weights": {"kind": "random", "imagenet": False}},
         model_card="# colours\nA tiny benchmark model: dominant colour -> breed.\n",
@@ -95,10 +96,10 @@ def build_fast_colour_artifact(dest: str | os.PathLike, *, epochs: int = 40, see
 
     import keras
 
-    from trainer import fast_runtimes
+    from trainer import artifact_writer, fast_runtimes
     from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
-    from worker import artifact, images
+    from worker import images
 
     def photos(n_per_class: int, seed0: int):
         x, y = [], []
@@ -127,12 +128,12 @@ def build_fast_colour_artifact(dest: str | os.PathLike, *, epochs: int = 40, see
     dest = Path(dest)
     with tempfile.TemporaryDirectory(prefix=".tiny-") as tmp:
         saved = Path(tmp) / "saved"
-        artifact.export_saved_model(model, saved)
+        artifact_writer.export_saved_model(model, saved)
         heldout, labels = photos(10, 100)
         files, entries = fast_runtimes.build_openvino_variants(saved, Path(tmp) / "variants", calibration=x,
                                                                heldout=heldout, heldout_labels=labels, threads=1)
-        artifact.write_artifact(
-            dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(folders)],
+        artifact_writer.write_artifact(
+            dest, model_dir=saved, labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(folders)],
             manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny",
                              "input_size": list(FAST_INPUT_SIZE), "weights": {"kind": "random", "imagenet": False},
                              "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},

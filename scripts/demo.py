@@ -102,7 +102,7 @@ def main() -> None:
         stack = create_stack(s3, sqs, bucket="dogbreeds-demo", queue="dogbreeds-demo-photos")
         print(f"local S3/SQS at {server.endpoint}: bucket {stack.bucket}, queue {stack.queue_url}")
 
-        run("dogbreeds-train", "fit", str(photos), "--model", args.model, "--split-file", str(split),
+        run("dogbreeds-train", "fit", str(photos), "--model", args.model, "--image-size", "224", "--split-file", str(split),
             "--run-dir", str(out / "run"), "--augment-copies", args.augment_copies, "--epochs", "60",
             "--cache-dir", str(out / "cache"), env=env)
         run("dogbreeds-train", "keygen", str(out / "signing"), env=env)

@@ -7,6 +7,8 @@ import io
 import os
 import socket
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,22 +63,31 @@ def mock_s3(aws_env):
         yield boto3.client("s3", region_name="us-east-1")
 
 
-@pytest.fixture
-def moto_server(aws_env, monkeypatch):
-    """moto in server mode on 127.0.0.1:<free port>; AWS_ENDPOINT_URL points boto3 at it."""
+@contextmanager
+def threaded_moto_server() -> Iterator[str]:
+    """moto's server mode in a thread of this process on 127.0.0.1:<free port>, started clean and
+    stopped on exit; yields its endpoint. A thread is enough for every test that does not need to
+    kill the server (none does today); moto's backends live in this process, hence the reset."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
-    urllib.request.urlopen(reset).close()  # moto's backends live in this process: start clean
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     try:
+        endpoint = f"http://127.0.0.1:{port}"
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset).close()  # state left by mock_aws or an earlier server: start clean
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture
+def moto_server(aws_env, monkeypatch):
+    """moto in server mode on 127.0.0.1:<free port>; AWS_ENDPOINT_URL points boto3 at it."""
+    with threaded_moto_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield endpoint
 
 
 def colour_photo(rgb: tuple[int, int, int], size=(120, 90), seed: int = 0, fmt: str = "JPEG") -> bytes:
@@ -96,7 +107,8 @@ def colour_artifact(tmp_path_factory) -> Path:
     written as a real artifact."""
     import keras
 
-    from worker import artifact, images
+    from trainer import artifact_writer
+    from worker import images
 
     keras.utils.set_random_seed(0)
     folders = list(COLOUR_BREEDS)
@@ -117,9 +129,9 @@ def colour_artifact(tmp_path_factory) -> Path:
     model.fit(x, y, epochs=60, verbose=0)
     assert model.evaluate(x, y, verbose=0)[1] == 1.0
     dest = tmp_path_factory.mktemp("artifacts") / "colours"
-    artifact.write_artifact(
+    artifact_writer.write_artifact(
         dest, keras_model=model,
-        labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(folders)],
+        labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(folders)],
         manifest_fields={"name": "colours", "version": "v1", "backbone": "none", "input_size": [32, 32],
                          "weights": {"kind": "random", "imagenet": False}},
         model_card="# colours\nA test model: dominant colour -> breed.\n",
@@ -150,10 +162,9 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
     pytest.importorskip("nncf")  # the train extra (int8 quantisation at publish time)
     import keras
 
-    from trainer import fast_runtimes
+    from trainer import artifact_writer, fast_runtimes
     from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
-    from worker import artifact
 
     keras.utils.set_random_seed(0)
     x, y = colour_data(20)
@@ -171,13 +182,13 @@ def fast_colour_artifact(tmp_path_factory) -> Path:
     model.fit(x.astype(np.float32), y, epochs=40, batch_size=30, verbose=0)
     root = tmp_path_factory.mktemp("fast")
     saved = root / "saved"
-    artifact.export_saved_model(model, saved)
+    artifact_writer.export_saved_model(model, saved)
     heldout, labels = colour_data(10, seed0=100)
     files, entries = fast_runtimes.build_openvino_variants(saved, root / "variants", calibration=x, heldout=heldout,
                                                            heldout_labels=labels, threads=1)
     dest = root / "colours-fast"
-    artifact.write_artifact(
-        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+    artifact_writer.write_artifact(
+        dest, model_dir=saved, labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
         manifest_fields={"name": "colours-fast", "version": "v1", "backbone": "tiny", "input_size": [FAST_SIZE, FAST_SIZE],
                          "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries}},
         model_card="# colours-fast\nA tiny test model with OpenVINO variants.\n", extra_files=files)
@@ -208,10 +219,9 @@ def dog_check_artifact(tmp_path_factory) -> dict:
     pytest.importorskip("nncf")
     import keras
 
-    from trainer import dog_check, fast_runtimes, serving
+    from trainer import artifact_writer, dog_check, fast_runtimes, serving
     from trainer.pooling import global_pooling
     from trainer.preprocessing import build_preprocessing
-    from worker import artifact
 
     keras.utils.set_random_seed(0)
     x, y = colour_data(20)
@@ -235,7 +245,7 @@ def dog_check_artifact(tmp_path_factory) -> dict:
                                   dog_head=dog_head)
     root = tmp_path_factory.mktemp("dogcheck")
     saved = root / "saved"
-    artifact.export_saved_model(served, saved)
+    artifact_writer.export_saved_model(served, saved)
     heldout = np.concatenate([colour_data(10, seed0=100)[0], grey_data(5, seed0=100)])
     labels = np.concatenate([colour_data(10, seed0=100)[1], np.full(15, -1)])
     threshold = 0.5
@@ -243,8 +253,8 @@ def dog_check_artifact(tmp_path_factory) -> dict:
         saved, root / "variants", calibration=np.concatenate([x, greys]), heldout=heldout, heldout_labels=labels,
         threads=1, num_classes=len(COLOUR_BREEDS), dog_threshold=threshold)
     dest = root / "colours-dogcheck"
-    artifact.write_artifact(
-        dest, model_dir=saved, labels=[artifact.Label.from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
+    artifact_writer.write_artifact(
+        dest, model_dir=saved, labels=[artifact_writer.label_from_folder(i, f) for i, f in enumerate(COLOUR_BREEDS)],
         manifest_fields={"name": "colours-dogcheck", "version": "v1", "backbone": "tiny",
                          "input_size": [FAST_SIZE, FAST_SIZE],
                          "runtimes": {"tf": {"path": "model", "precision": "fp32"}, **entries},

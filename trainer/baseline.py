@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from trainer import imagenet, models, preprocessing, serving
+from trainer import artifact_writer, imagenet, models, preprocessing, registry, serving
 from worker import artifact, images
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def build_baseline_artifact(breeds_file: str | Path, dest: Path, name: str, *, v
     from trainer import fast_runtimes as fast
 
     folders = read_breeds(breeds_file)
-    labels = [artifact.Label.from_folder(i, f) for i, f in enumerate(folders)]
+    labels = [artifact_writer.label_from_folder(i, f) for i, f in enumerate(folders)]
     model, weights = build_baseline_model([label.synset for label in labels], image_size)
     served = serving.served_model(model, temperature=1.0, dog_method="imagenet-dog-mass", backbone="efficientnet_lite0")
     threshold = DOG_MASS_THRESHOLD
@@ -134,7 +134,7 @@ def build_baseline_artifact(breeds_file: str | Path, dest: Path, name: str, *, v
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".baseline-", dir=dest.parent) as tmp:
         saved = Path(tmp) / artifact.MODEL_DIR
-        artifact.export_saved_model(served, saved)
+        artifact_writer.export_saved_model(served, saved)
         runtimes = {"tf": {"path": artifact.MODEL_DIR, "precision": "fp32"}}
         extra = {}
         pixels = _photos(photos, image_size) if photos and fast_runtimes and fast.available() else None
@@ -149,7 +149,7 @@ def build_baseline_artifact(breeds_file: str | Path, dest: Path, name: str, *, v
             log.warning("no --photos: publishing the TensorFlow model only (the OpenVINO variants need photos to "
                         "calibrate int8 and to measure their agreement)")
         fields["runtimes"] = runtimes
-        return artifact.write_artifact(dest, model_dir=saved, labels=labels, manifest_fields=fields,
+        return artifact_writer.write_artifact(dest, model_dir=saved, labels=labels, manifest_fields=fields,
                                        model_card=model_card(name, folders, image_size, threshold), extra_files=extra)
 
 
@@ -171,7 +171,7 @@ def publish_baseline(breeds_file: str | Path, destination: str, name: str, *, ve
                      work_dir: Path | None = None, signer=None) -> tuple[str, artifact.ArtifactManifest]:
     """Build the baseline artifact, sign it with ``signer`` (trainer.signing; None: unsigned) and
     put it in a registry (local folder or s3://). Returns where it lives and its manifest."""
-    version = version or artifact.new_version()
+    version = version or artifact_writer.new_version()
     with tempfile.TemporaryDirectory(prefix="baseline-", dir=work_dir) as tmp:
         staging = Path(tmp) / f"{name}-{version}"
         manifest = build_baseline_artifact(breeds_file, staging, name, version=version, image_size=image_size,
@@ -181,5 +181,5 @@ def publish_baseline(breeds_file: str | Path, destination: str, name: str, *, ve
 
             sign_artifact(staging, signer)
         if destination.startswith("s3://"):
-            return artifact.upload_artifact(staging, destination), manifest
-        return str(artifact.copy_to_local_registry(staging, Path(destination))), manifest
+            return registry.upload_artifact(staging, destination), manifest
+        return str(registry.copy_to_local_registry(staging, Path(destination))), manifest

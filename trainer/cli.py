@@ -11,16 +11,25 @@ import click
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "vgg16_scratch_0", "vgg16_scratch_1"]
+MODEL_CHOICES = ["vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer", "efficientnet_lite0_finetune",
+                 "efficientnet_lite0_imagenet_head", "efficientnet_lite0_vgg16_transfer",
+                 "efficientnet_lite0_vgg16_imagenet_head", "vgg16_scratch_0", "vgg16_scratch_1"]
 PREPROCESSING = ["vgg", "equalize+vgg", "seed"]
+# what the cross-validated selection on the 11 breeds' training photos picked (benchmarks/selection.py,
+# benchmarks/accuracy.py --steps; never the test split or the outside photos)
+DEFAULT_MODEL = "efficientnet_lite0_imagenet_head"
+DEFAULT_IMAGE_SIZE = 320
 
 
 def data_options(command):
     """Options shared by every command that reads a dataset and splits it."""
     options = [
         click.argument("data"),
-        click.option("--model", "model", type=click.Choice(MODEL_CHOICES), default="vgg16_transfer", show_default=True,
-                     help="Model family (hyper-model) to build."),
+        click.option("--model", "model", type=click.Choice(MODEL_CHOICES), default=DEFAULT_MODEL, show_default=True,
+                     help="Model family (hyper-model) to build. The default is the family 5-fold cross-validation "
+                          "on the training photos picked (README, Benchmarks); it needs breed folders named after "
+                          "ImageNet-1k synsets (every Stanford Dogs breed is one): use efficientnet_lite0_transfer "
+                          "for other breeds."),
         click.option("--preprocessing", type=click.Choice(PREPROCESSING), default="vgg", show_default=True,
                      help="vgg: the backbone's own normalisation; equalize+vgg: histogram equalisation first; "
                           "seed: equalise + [0,1] as in the original design."),
@@ -39,14 +48,18 @@ def data_options(command):
         click.option("--breeds", help="Comma-separated breed folders or synsets to keep (default: all)."),
         click.option("--min-photos", type=int, default=0, show_default=True,
                      help="Keep only breeds with at least this many photos."),
-        click.option("--image-size", type=int, default=224, show_default=True,
-                     help="Model input size (224 for ImageNet backbones; smaller makes scratch models affordable)."),
+        click.option("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, show_default=True,
+                     help="Model input size (320 chosen by cross-validation against 224 for ImageNet backbones; "
+                          "smaller makes scratch models affordable)."),
         click.option("--fit", "image_fit", type=click.Choice(["crop", "squash"]), default="crop", show_default=True,
                      help="How a photo becomes image-size x image-size: crop (aspect kept, the centre cut out; the "
                           "README's accuracy benchmark compares both) or squash (the whole photo, distorted, as the "
                           "original design). Recorded in the artifact; the worker resizes the same way."),
         click.option("--augment-copies", type=int, default=2, show_default=True,
                      help="Augmented copies of each training photo (cached features) for feature families."),
+        click.option("--augmentation", type=click.Choice(["default", "strong"]), default="default", show_default=True,
+                     help="How the augmented copies are made: default (mild rotation, shift, zoom, contrast, flip) or "
+                          "strong (larger zoom in and out, shifts and contrast)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the split, the augmentation and the weights' initialisation."),
         click.option("--cache-dir", type=click.Path(file_okay=False), help="Feature cache (default ~/.cache/dogbreeds)."),
@@ -55,14 +68,14 @@ def data_options(command):
 
 
 def make_config(data, *, model, preprocessing, weights, split_file, split_column, val_fraction, test_fraction, breeds,
-                min_photos, image_size, image_fit, augment_copies, seed, cache_dir, **extra):
+                min_photos, image_size, image_fit, augment_copies, augmentation, seed, cache_dir, **extra):
     from trainer.experiment import RunConfig
 
     return RunConfig(data=data, model=model, preprocessing=preprocessing, weights=weights, split_file=split_file,
                      split_column=split_column, val_fraction=val_fraction, test_fraction=test_fraction,
                      breeds=breeds.split(",") if breeds else None, min_photos=min_photos, image_size=image_size,
                      image_fit=image_fit,
-                     augment_copies=augment_copies, seed=seed, cache_dir=cache_dir, **extra)
+                     augment_copies=augment_copies, augmentation=augmentation, seed=seed, cache_dir=cache_dir, **extra)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,9 +125,14 @@ def analyze(data, out_dir, seed):
 @click.option("--set", "hp_set", multiple=True, metavar="NAME=VALUE", help="Set one hyper-parameter (repeatable).")
 @click.option("--epochs", type=int, default=60, show_default=True,
               help="Most epochs of the first phase (early stopping usually ends it sooner).")
-@click.option("--fine-tune-epochs", type=int, default=20, show_default=True, help="Second phase (vgg16_finetune).")
+@click.option("--fine-tune-epochs", type=int, default=20, show_default=True,
+              help="Second phase (the *_finetune families).")
 @click.option("--patience", type=int, default=6, show_default=True, help="Early stopping patience (epochs).")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Photos per training step.")
+@click.option("--flip-tta/--no-flip-tta", default=False, show_default=True,
+              help="Horizontal-flip test-time augmentation: the published model answers the mean of its answers on "
+                   "the photo and on its mirror image (inside the model, so every runtime does it; twice the "
+                   "compute per photo). Evaluation uses it too.")
 @click.option("--not-dogs", type=click.Path(exists=True, file_okay=False),
               help="A folder of photos WITHOUT a dog (cats, objects, scenes; any depth) for the dog check. "
                    "Default: DATA/not-dogs/ when it exists. Split by file path into fit (40%), val (20%, chooses "
@@ -128,19 +146,25 @@ def analyze(data, out_dir, seed):
 @click.option("--progress", type=click.Choice(["auto", "bar", "lines"]), default="auto", show_default=True,
               help="How epochs are shown: one progress bar per phase with the last loss/accuracy (bar), one "
                    "line per epoch (lines, Keras verbose=2), or auto: bar on a terminal, lines otherwise.")
-def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, not_dogs, dog_check, progress,
-        **options):
+def fit(run_dir, hp_file, hp_set, epochs, fine_tune_epochs, patience, batch_size, flip_tta, not_dogs, dog_check,
+        progress, **options):
     """Fit a model with early stopping and the best checkpoint, then evaluate it on the test
     split (evaluation.json, confusion.png, mistakes.png, curves.png in --run-dir); calibrate
     its scores on the validation split (calibration.png) and fit its dog check."""
     from trainer.experiment import fit_run
+    from trainer.models import NotImageNetBreeds
 
     hyperparameters = _hyperparameters(hp_file, hp_set)
     config = make_config(epochs=epochs, fine_tune_epochs=fine_tune_epochs, patience=patience, batch_size=batch_size,
-                         hyperparameters=hyperparameters, not_dogs=not_dogs, dog_check=dog_check, **options)
+                         hyperparameters=hyperparameters, flip_tta=flip_tta, not_dogs=not_dogs, dog_check=dog_check,
+                         **options)
     from trainer.progress import resolve_progress
 
-    run = fit_run(config, Path(run_dir), verbose="bar" if resolve_progress(progress) == "bar" else 2)
+    try:
+        run = fit_run(config, Path(run_dir), verbose="bar" if resolve_progress(progress) == "bar" else 2)
+    except NotImageNetBreeds as error:
+        raise click.UsageError(f"{error} (--model {config.model}); choose another --model, e.g. "
+                               f"efficientnet_lite0_transfer") from error
     m = run["metrics"]["test"]
     click.echo(f"test: top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}, loss {m['loss']:.3f} on {m['photos']} photos "
                f"({run['seconds']})")
@@ -186,15 +210,20 @@ def _hyperparameters(hp_file, hp_set) -> dict:
 @click.option("--max-trials", type=int, default=20, show_default=True, help="Trial budget (random, bayesian).")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per trial (hyperband: max epochs).")
 @click.option("--overwrite/--resume", default=False, show_default=True, help="Start over or resume a search.")
-def tune(out_dir, tuner, max_trials, epochs, overwrite, **options):
+@click.option("--cv-folds", type=int, default=0, show_default=True,
+              help="Score each trial by k-fold cross-validation on the training photos (k >= 2; feature families, "
+                   "random or bayesian tuner) instead of one fit scored on the validation split.")
+def tune(out_dir, tuner, max_trials, epochs, overwrite, cv_folds, **options):
     """Search hyper-parameters with Keras Tuner; writes trials.jsonl and best_hyperparameters.json
-    (feed it to `fit --hp`)."""
+    (feed it to `fit --hp`). The test split is never looked at."""
     from trainer.experiment import prepare
     from trainer.tuning import tune as run_tune
 
     prepared = prepare(make_config(**options))
-    summary = run_tune(prepared, Path(out_dir), kind=tuner, max_trials=max_trials, epochs=epochs, overwrite=overwrite)
-    click.echo(f"{summary['trials']} trials in {summary['seconds']}s; best val accuracy {summary['best_val_accuracy']}")
+    summary = run_tune(prepared, Path(out_dir), kind=tuner, max_trials=max_trials, epochs=epochs, overwrite=overwrite,
+                       cv_folds=cv_folds)
+    click.echo(f"{summary['trials']} trials in {summary['seconds']}s; best score {summary['best_val_accuracy']} "
+               f"({summary['objective']})")
     click.echo(json.dumps(summary["best_hyperparameters"], indent=1))
     click.echo(f"wrote {Path(out_dir) / 'best_hyperparameters.json'}")
 

@@ -39,6 +39,8 @@ class RunConfig:
     image_size: int = 224
     image_fit: str = "crop"  # worker.images fit: crop (aspect kept, centre) or squash
     augment_copies: int = 2
+    augmentation: str = "default"  # trainer.features.AUGMENTATIONS: how the augmented copies are made
+    flip_tta: bool = False  # serve (and evaluate) the mean prediction on the photo and its mirror image
     seed: int = 0
     epochs: int = 60
     fine_tune_epochs: int = 20
@@ -75,6 +77,7 @@ class Prepared:
     x_val: np.ndarray
     x_test: np.ndarray
     seconds: dict
+    features_of: "FeatureSource | None" = None  # feature families: cached features of any photos
 
     def context(self) -> models.BuildContext:
         size = self.config.image_size
@@ -82,6 +85,7 @@ class Prepared:
             num_classes=len(self.dataset.classes), input_shape=(size, size, 3),
             feature_shape=tuple(self.x_train.shape[1:]) if self.family.inputs == "features" else None,
             backbone=self.backbone, preprocessing=self.config.preprocessing, augmentation_seed=self.config.seed,
+            classes=tuple(self.dataset.classes),
         )
 
     def training_data(self) -> training.TrainingData:
@@ -111,6 +115,8 @@ def prepare(config: RunConfig) -> Prepared:
     split = datasets.Split(split.method, *[[r for r in getattr(split, part) if r.split("/", 1)[0] in dataset.classes]
                                            for part in datasets.SPLITS])
     _log(config, f"data: {len(dataset.classes)} breeds, split {split.counts()} ({split.method})")
+    if family.build is models.build_imagenet_head:
+        models.imagenet_breed_classifier(dataset.classes)  # NotImageNetBreeds now, not after the features
     size = (config.image_size, config.image_size)
     loaded = {part: datasets.load_photos(dataset, split.photos(dataset, part), size, fit=config.image_fit,
                                          desc=f"decode {part}",
@@ -123,35 +129,81 @@ def prepare(config: RunConfig) -> Prepared:
     backbone, weights = None, {"kind": "random", "imagenet": False, "note": "trained from scratch"}
     x = {part: loaded[part].pixels for part in datasets.SPLITS}
     y_train = loaded["train"].labels
+    features_of = None
     if family.inputs == "features":
-        from trainer.backbones import build_backbone
-
         started = time.perf_counter()
-        backbone, source = build_backbone(family.backbone, weights=config.weights, input_shape=(*size, 3))
-        weights = source.to_dict()
-        _log(config, f"backbone: {family.backbone}, weights: {source.kind} ({source.note})")
-        cut = family.cut_layer or backbone.layers[-1].name
-        extractor = features_mod.build_extractor(backbone, cut, config.preprocessing, family.backbone, (*size, 3),
-                                                 pooling=family.feature_pooling)
-        cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.DEFAULT_CACHE)
-        common = dict(extractor=extractor, cache=cache, backbone=family.backbone, weights_sha256=source.sha256,
-                      preprocessing_choice=config.preprocessing, cut_layer=models.feature_name(family, backbone),
-                      seed=config.seed,
-                      progress=config.progress)
-        train_copies = features_mod.features_for(loaded["train"].pixels, copies=config.augment_copies,
-                                                 desc="train features", **common)
+        backbone, weights = models.build_feature_backbones(family, config.weights, (*size, 3))
+        _log(config, f"backbone: {family.backbone}, weights: {weights['kind']} ({weights.get('note', '')})")
+        features_of = FeatureSource(family, backbone, weights, config)
+        train_copies = features_of(loaded["train"].pixels, copies=config.augment_copies, desc="train features")
         x["train"] = np.concatenate(train_copies)
         y_train = np.tile(loaded["train"].labels, len(train_copies))
-        x["val"] = features_mod.features_for(loaded["val"].pixels, desc="val features", **common)[0]
-        x["test"] = features_mod.features_for(loaded["test"].pixels, desc="test features", **common)[0]
+        x["val"] = features_of(loaded["val"].pixels, desc="val features")[0]
+        x["test"] = features_of(loaded["test"].pixels, desc="test features")[0]
         seconds["features"] = time.perf_counter() - started
     return Prepared(config, family, dataset, split, loaded["train"], loaded["val"], loaded["test"], backbone,
-                    weights, x["train"], y_train, x["val"], x["test"], seconds)
+                    weights, x["train"], y_train, x["val"], x["test"], seconds, features_of)
+
+
+class FeatureSource:
+    """The cached frozen features of a feature family for any photos: ``source(pixels,
+    copies=k)`` -> one array per copy (copy 0: the photos themselves). A mixed family
+    concatenates its parts' features, each cached under its own backbone's key (so they are
+    shared with the single-backbone families); VGG16's block5 features are computed from cached
+    block4_pool maps (shared with vgg16_finetune)."""
+
+    def __init__(self, family: models.ModelFamily, backbone, weights: dict, config: RunConfig):
+        self.family, self.config = family, config
+        size = (config.image_size, config.image_size, 3)
+        cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.default_cache())
+        self._sources = []
+        part_weights = {p["backbone"]: p for p in weights.get("parts", [])} or {family.backbone: weights}
+        for part in [models.get_family(p) for p in family.parts] or [family]:
+            part_backbone = backbone[part.backbone] if isinstance(backbone, dict) else backbone
+            cut = part.cut_layer or part_backbone.layers[-1].name
+            extractor = features_mod.build_extractor(part_backbone, cut, config.preprocessing, part.backbone, size,
+                                                     pooling=part.feature_pooling)
+            stem = None
+            if part.stem:
+                stem = features_mod.Stem(
+                    part.stem,
+                    features_mod.build_extractor(part_backbone, part.stem, config.preprocessing, part.backbone, size),
+                    models.stem_tail(part_backbone, part.stem, cut, part.feature_pooling))
+            self._sources.append(dict(
+                extractor=extractor, cache=cache, backbone=part.backbone, weights_sha256=part_weights[part.backbone].get("sha256", ""),
+                preprocessing_choice=config.preprocessing, cut_layer=models.feature_name(part, part_backbone),
+                seed=config.seed, progress=config.progress, stem=stem))
+        self.augmentation = config.augmentation
+
+    def __call__(self, pixels: np.ndarray, *, copies: int = 0, desc: str = "features") -> list[np.ndarray]:
+        per_source = [features_mod.features_for(pixels, copies=copies, desc=desc, augmentation=self.augmentation,
+                                                **common) for common in self._sources]
+        return [np.concatenate(arrays, axis=-1) for arrays in zip(*per_source)]
+
+    def flipped(self, pixels: np.ndarray, desc: str = "features") -> np.ndarray:
+        """Features of the mirror images (horizontal flip), for flip test-time augmentation."""
+        return self(np.ascontiguousarray(pixels[:, :, ::-1]), desc=f"{desc} (mirrored)")[0]
 
 
 def predict_test(prepared: Prepared, model) -> np.ndarray:
-    return model.predict(prepared.x_test, batch_size=256, verbose=0) if len(prepared.x_test) else np.zeros(
-        (0, len(prepared.dataset.classes)))
+    return predict_photos(prepared, model, prepared.test.pixels, prepared.x_test, desc="test features")
+
+
+def predict_photos(prepared: Prepared, model, pixels: np.ndarray, inputs: np.ndarray | None = None,
+                   desc: str = "features") -> np.ndarray:
+    """What the served model answers for ``pixels`` (uint8 photos): the trained part on their
+    cached features (feature families) or on the photos, averaged with its answer on the mirror
+    images when the run serves with ``flip_tta``. ``inputs``: the features, when already at hand."""
+    if not len(pixels):
+        return np.zeros((0, len(prepared.dataset.classes)))
+    features = prepared.features_of is not None
+    if inputs is None:
+        inputs = prepared.features_of(pixels, desc=desc)[0] if features else pixels
+    probs = model.predict(inputs, batch_size=256, verbose=0)
+    if prepared.config.flip_tta:
+        mirrored = prepared.features_of.flipped(pixels, desc=desc) if features else pixels[:, :, ::-1]
+        probs = (probs + model.predict(mirrored, batch_size=256, verbose=0)) / 2
+    return probs
 
 
 def fit_run(config: RunConfig, run_dir: Path, prepared: Prepared | None = None, verbose: int | str = 2) -> dict:

@@ -98,14 +98,20 @@ def first_convolution(model) -> str | None:
 
 
 def after_last_convolution(model) -> list[str]:
-    """Names of the computing ops after the model's last convolution (in topological order):
-    the global pooling and the dense head."""
+    """Names of the computing ops that no convolution depends on (in topological order): the
+    global pooling and the dense head. A model with branches (flip test-time augmentation: the
+    photo and its mirror image; a mixed model: two backbones) has one such tail per branch plus
+    what joins them; in a single chain it is everything after the last convolution."""
     ops = list(model.get_ordered_ops())
-    convs = [i for i, op in enumerate(ops) if op.get_type_name() == "Convolution"]
-    if not convs:
-        return []
-    return [op.get_friendly_name() for op in ops[convs[-1] + 1:]
-            if op.get_type_name() not in ("Constant", "Parameter", "Result")]
+    feeds_a_convolution: set[str] = set()
+    for op in reversed(ops):  # consumers come after producers: walk back from the outputs
+        name = op.get_friendly_name()
+        if op.get_type_name() == "Convolution" or name in feeds_a_convolution:
+            feeds_a_convolution.update(i.get_source_output().get_node().get_friendly_name() for i in op.inputs())
+            feeds_a_convolution.add(name)
+    return [op.get_friendly_name() for op in ops
+            if op.get_friendly_name() not in feeds_a_convolution
+            and op.get_type_name() not in ("Constant", "Parameter", "Result")]
 
 
 def quantize_int8(model, calibration: np.ndarray, *, keep_float: Sequence[str] = ("head",)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from trainer import models
+from trainer import artifact_writer, models, registry
 from trainer import preprocessing as _registered_layers  # noqa: F401  (custom layers for keras.models.load_model)
 from trainer.experiment import load_run
 from worker import artifact, images
@@ -30,14 +30,13 @@ def inference_model(run_dir: Path) -> tuple[keras.Model, dict]:
     trained = keras.models.load_model(Path(run_dir) / "model.keras", compile=False)
     backbone = None
     if family.inputs == "features":
-        from trainer.backbones import build_backbone
-
-        backbone, source = build_backbone(family.backbone, weights=config.weights,
-                                          input_shape=(config.image_size, config.image_size, 3))
-        if source.sha256 != run["weights"].get("sha256"):
-            raise RuntimeError(f"backbone weights differ from the run's: {source.sha256} != {run['weights'].get('sha256')}")
+        backbone, weights = models.build_feature_backbones(family, config.weights,
+                                                           (config.image_size, config.image_size, 3))
+        if weights.get("sha256") != run["weights"].get("sha256"):
+            raise RuntimeError(f"backbone weights differ from the run's: {weights.get('sha256')} != {run['weights'].get('sha256')}")
     model = models.assemble_inference_model(family, trained, backbone=backbone, preprocessing_choice=config.preprocessing,
-                                            input_shape=(config.image_size, config.image_size, 3))
+                                            input_shape=(config.image_size, config.image_size, 3),
+                                            flip_tta=config.flip_tta)
     return served(model, run, run_dir), run
 
 
@@ -258,7 +257,7 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
     with fp32 measured on the ``heldout_parts`` of the run's split)."""
     run_dir = Path(run_dir)
     model, run = inference_model(run_dir)
-    labels = [artifact.Label.from_folder(i, folder) for i, folder in enumerate(run["classes"])]
+    labels = [artifact_writer.label_from_folder(i, folder) for i, folder in enumerate(run["classes"])]
     evaluation = json.loads((run_dir / "evaluation.json").read_text()) if (run_dir / "evaluation.json").exists() else {}
     input_size = [run["config"]["image_size"]] * 2
     fields = {
@@ -278,12 +277,12 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
         fields["version"] = version
     extra = {f"plots/{p}": run_dir / p for p in PLOTS if (run_dir / p).exists()}
     extra["split.json"] = run_dir / "split.json"
-    artifact._check_keras_model(model, num_classes=len(labels) + (1 if fields.get("dog_check") else 0),
+    artifact_writer.check_keras_model(model, num_classes=len(labels) + (1 if fields.get("dog_check") else 0),
                                 input_size=input_size)
     Path(dest).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=Path(dest).parent) as tmp:
         saved = Path(tmp) / artifact.MODEL_DIR
-        artifact.export_saved_model(model, saved)
+        artifact_writer.export_saved_model(model, saved)
         runtimes = {"tf": {"path": artifact.MODEL_DIR, "precision": "fp32"}}
         if fast_runtimes:
             files, entries = fast_runtime_variants(run_dir, run, saved, Path(tmp) / "variants", heldout_parts,
@@ -291,7 +290,7 @@ def build_artifact(run_dir: Path, dest: Path, name: str, version: str | None = N
             extra.update(files)
             runtimes.update(entries)
         fields["runtimes"] = runtimes
-        return artifact.write_artifact(Path(dest), model_dir=saved, labels=labels, manifest_fields=fields,
+        return artifact_writer.write_artifact(Path(dest), model_dir=saved, labels=labels, manifest_fields=fields,
                                        model_card=model_card(run, name) + runtimes_card(runtimes), extra_files=extra)
 
 
@@ -316,7 +315,7 @@ def publish(run_dir: Path, destination: str, name: str, version: str | None = No
     """Build the artifact and put it in a registry: a local folder or ``s3://bucket/prefix``.
     ``signer`` (trainer.signing): sign it (``manifest.sig``) before it leaves this machine.
     Returns where the new version lives."""
-    version = version or artifact.new_version()
+    version = version or artifact_writer.new_version()
     staging = Path(work_dir or Path(run_dir) / "artifacts") / f"{name}-{version}"
     if not staging.exists():
         build_artifact(run_dir, staging, name, version, fast_runtimes=fast_runtimes)
@@ -325,5 +324,5 @@ def publish(run_dir: Path, destination: str, name: str, version: str | None = No
 
         sign_artifact(staging, signer)
     if destination.startswith("s3://"):
-        return artifact.upload_artifact(staging, destination)
-    return str(artifact.copy_to_local_registry(staging, Path(destination)))
+        return registry.upload_artifact(staging, destination)
+    return str(registry.copy_to_local_registry(staging, Path(destination)))

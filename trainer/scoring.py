@@ -127,7 +127,7 @@ def not_dog_features(prepared, folder: Path) -> dict:
     extractor = features_mod.build_extractor(backbone, family.cut_layer or backbone.layers[-1].name,
                                              config.preprocessing, family.backbone, (size, size, 3),
                                              pooling=family.feature_pooling)
-    cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.DEFAULT_CACHE)
+    cache = features_mod.FeatureCache(Path(config.cache_dir) if config.cache_dir else features_mod.default_cache())
     pixels, kept = not_dogs.load_pixels(folder, [p.relative_path for p in photos], size, config.image_fit,
                                         progress=config.progress)
     features = _pool(features_mod.features_for(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from worker import signature
-from worker.artifact import MANIFEST_FILE, SIGNATURE_FILE, ArtifactError
+from worker.artifact.contract import MANIFEST_FILE, SIGNATURE_FILE, ArtifactError
 
 __all__ = ["FileSigner", "KmsSigner", "Signer", "generate_key_pair", "sign_artifact", "signer_from"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.artifact import LoadedArtifact, load_artifact
+from worker.artifact.loading import LoadedArtifact, load_artifact
 
 log = logging.getLogger(__name__)
 

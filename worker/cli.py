@@ -1,4 +1,8 @@
-"""``dogbreeds-worker``: classify dog photos with a published model artifact."""
+"""``dogbreeds-worker``: classify dog photos with a published model artifact.
+
+One click group for every command the worker offers (predict, classify, run, report, export);
+each command only parses options and calls the module that does the work, so the length is
+option declarations and their help text."""
 
 from __future__ import annotations
 
@@ -257,8 +261,9 @@ def classify(model_uri, output_bucket, output_prefix, batch_size, download_threa
     from tqdm.auto import tqdm
 
     from worker import manifests
-    from worker.messages import ImageRef, Job, expand_prefix_job
+    from worker.messages import ImageRef, Job
     from worker.pipeline import LocalReader
+    from worker.prefix_listing import expand_prefix_job
     from worker.s3uri import S3Uri
 
     _logs_to_stderr()

@@ -1,9 +1,12 @@
 """AWS Lambda entry point: SQS event source with partial batch failures.
 
-Powertools' BatchProcessor reports exactly the failed message ids in ``batchItemFailures``
-(the function's event source mapping needs ``ReportBatchItemFailures``). All records of the
-event are classified together first (so one-photo S3 event messages still infer in full
-batches); the per-record handler then only reports each record's outcome. The model is loaded
+Powertools' batch processor (:func:`worker.jobs.write_manifests`, shared with the poller) runs
+the record handler -- write that message's manifest -- over the event's records and reports
+exactly the failed message ids in ``batchItemFailures`` (the function's event source mapping
+needs ``ReportBatchItemFailures``). All records of the event are classified together first (so
+one-photo S3 event messages still infer in full batches). A batch whose every message failed
+(e.g. a deadline reached before any was finished) is reported like any other, all ids in
+``batchItemFailures``, not raised as a function error. The model is loaded
 once per execution environment and reused across invocations.
 
 Time limit: the invocation's deadline is ``context.get_remaining_time_in_millis()`` less
@@ -14,8 +17,6 @@ A prefix job longer than a page sends its continuation pages to the queue its re
 (the record's ``eventSourceARN``; the role needs ``sqs:SendMessage`` on it)."""
 
 from __future__ import annotations
-
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 
 from worker.classifier import Classifier
 from worker.continuations import ContinuationSender
@@ -28,10 +29,6 @@ from worker.sqs import queue_url_of_arn
 
 _pipeline: Pipeline | None = None  # the cached model: one per execution environment
 _sqs = None  # the SQS client for continuation pages: one per execution environment
-
-
-class MessageFailed(Exception):
-    """Raised by the record handler for a message whose job failed (it will be retried)."""
 
 
 def get_pipeline(env: WorkerSettings) -> Pipeline:
@@ -71,17 +68,6 @@ def lambda_handler(event: dict, context) -> dict:
     outcome = process_messages([QueuedMessage(r["messageId"], r["body"]) for r in records], pipeline,
                                OutputSettings(env.output_bucket, env.output_prefix, env.jsonl,
                                               max_prefix_keys=env.max_prefix_keys, page_keys=env.prefix_page_keys),
-                               deadline, continuations)
-    by_id = {o.message_id: o for o in outcome.outcomes}
+                               deadline, continuations, records)
     metrics_for_batch(outcome, flush=False)
-
-    def record_handler(record) -> dict:
-        result = by_id[record.message_id]
-        if not result.ok:
-            raise MessageFailed(result.reason)
-        return {"manifest": result.manifest}
-
-    # A batch whose every message failed (e.g. a deadline reached before any was finished) is
-    # reported like any other, all ids in batchItemFailures, not raised as a function error.
-    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    return outcome.response

@@ -1,5 +1,8 @@
 """Image bytes -> RGB ``uint8`` numpy arrays, shared by the trainer and the worker.
 
+(Longer than the other modules on purpose: every colour mode, limit and strip-wise conversion
+below is one decoding contract, documented and tested in one place.)
+
 Training and serving both call :func:`load_image`, so a photo is decoded and
 resized exactly the same way in both places.  Only Pillow and numpy are used
 (no TensorFlow import), and every function is pure: no Pillow global is read

@@ -8,13 +8,18 @@ answer carries its request; a photo named by several messages of the batch is re
 inferred once and answered in each. A message is given its items only when it has exactly one
 answer for each of its photos, none of them a failure; otherwise it fails (and is retried).
 
-Two steps, :func:`classify_messages` (the shared classification, for the whole batch) then a
-per-message step, :func:`write_manifest` (one message's manifest; :func:`write_manifests` runs
-it for every message, concurrently). The poller writes one batch's manifests while it
-classifies the next; :func:`process_messages` runs both. Shared by the poller and the Lambda
-handler. A message counts as done only once its manifest is written; a message that failed is
-reported with its reason and left for the queue to redeliver (and, after maxReceiveCount, to
-move to the DLQ).
+Two steps, :func:`classify_messages` (the shared classification, for the whole batch) then the
+record loop, :func:`write_manifests`: Powertools' batch processor runs the record handler
+:func:`write_manifest` (one message's manifest) for every SQS record of the batch, concurrently,
+and keeps the books: a record whose handler raises -- a message that failed before it
+(:class:`MessageFailed`, with its reason) or a manifest PUT that fails -- is a failure, the others
+succeed; its response lists exactly the failed ids (``batchItemFailures``). The Lambda handler
+feeds the event's records, the poller SQS-shaped records built from ``receive_message``
+(:func:`worker.sqs.sqs_record`), and deletes exactly the records that succeeded. The poller
+writes one batch's manifests while it classifies the next; :func:`process_messages` runs both.
+A message counts as done only once its manifest is written; a message that failed is reported
+with its reason and left for the queue to redeliver (and, after maxReceiveCount, to move to the
+DLQ).
 
 What fails what: a malformed message, a prefix listing that fails, a manifest PUT that fails
 fail only their own message; a photo's transient fault or ``MemoryError``, or an inference that
@@ -35,17 +40,21 @@ then fail with a ``deadline: ...`` reason (retried), the others get their manife
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from aws_lambda_powertools.utilities.batch import AsyncBatchProcessor, EventType
+
 from worker import manifests
 from worker.continuations import DEFAULT_PAGE_KEYS, ContinuationSender, Page, split_pages
 from worker.deadline import Deadline, DeadlineReached, check
-from worker.messages import SOURCE_S3_EVENT, Job, MessageError, expand_prefix_job, parse_message
+from worker.messages import SOURCE_S3_EVENT, Job, MessageError, parse_message
 from worker.observability import logger as log
 from worker.pipeline import Answer, PhotoRequest, Pipeline
+from worker.prefix_listing import expand_prefix_job
 
 MANIFEST_WRITERS = 8  # concurrent manifest PUTs per batch of messages
 
@@ -64,23 +73,35 @@ class QueuedMessage:
     message_id: str
     body: str
 
+    def record(self) -> dict:
+        """The message as an SQS record of a Lambda event (what the batch processor reads)."""
+        return {"messageId": self.message_id, "receiptHandle": "", "body": self.body, "attributes": {},
+                "messageAttributes": {}, "eventSource": "aws:sqs"}
 
-@dataclass
+
+class MessageFailed(Exception):
+    """Raised by the record handler for a message that failed before its manifest (retried)."""
+
+
+@dataclass(frozen=True)
 class MessageOutcome:
+    """What the batch processor said about one record: a read-only view for logs and metrics."""
     message_id: str
     ok: bool
     job_id: str | None = None
     manifest: str | None = None  # s3://bucket/key
-    reason: str | None = None  # why it failed
+    reason: str | None = None  # why it failed, or why a message that succeeded has no manifest
     counts: dict = field(default_factory=dict)
     timings_ms: dict = field(default_factory=dict)
 
 
 @dataclass
 class BatchOutcome:
+    """The batch processor's results, in the order of the records, and its response."""
     outcomes: list[MessageOutcome]
     images: int
     seconds: float
+    response: dict = field(default_factory=lambda: {"batchItemFailures": []})  # the processor's, for Lambda
     undeleted: list[str] = field(default_factory=list)  # succeeded, but the queue would not delete them
 
     @property
@@ -98,11 +119,12 @@ class ClassifiedBatch:
     messages: list[QueuedMessage]
     jobs: dict[str, Job]  # message id -> job (messages that parsed into one)
     items_of: dict[str, list]  # message id -> its photos' items, in the order of its photos
-    outcomes: dict[str, MessageOutcome]  # messages already settled (ignored, malformed, failed)
+    failed: dict[str, str]  # message id -> why it fails (malformed, listing, classification, deadline)
     images: int  # distinct photos the batch named (each read once)
     started: float  # perf_counter at the start of classification
     pages: dict[str, list[Page]] = field(default_factory=dict)  # message id -> continuation pages sent
     errors: dict[str, manifests.JobError] = field(default_factory=dict)  # message id -> why a job has no items
+    ignored: dict[str, str] = field(default_factory=dict)  # message id -> why it is done with nothing to write
 
 
 def requests_of(message_id: str, job: Job) -> list[PhotoRequest]:
@@ -114,12 +136,14 @@ def requests_of(message_id: str, job: Job) -> list[PhotoRequest]:
 
 def parse_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
                    deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
-                   ) -> tuple[dict[str, Job], dict[str, MessageOutcome], dict[str, list[Page]],
+                   ) -> tuple[dict[str, Job], dict[str, str], dict[str, str], dict[str, list[Page]],
                               dict[str, manifests.JobError]]:
     """Jobs of the messages that parse into one (prefix jobs listed, and split into continuation
-    pages that are sent when the listing is longer than a page), outcomes of the others, the
-    pages sent, and the jobs that have no items for a reason of their own (too_many_objects)."""
-    outcomes: dict[str, MessageOutcome] = {}
+    pages that are sent when the listing is longer than a page), why the others fail, why those
+    with nothing to do are ignored, the pages sent, and the jobs that have no items for a reason
+    of their own (too_many_objects)."""
+    failed: dict[str, str] = {}
+    ignored: dict[str, str] = {}
     jobs: dict[str, Job] = {}
     pages_of: dict[str, list[Page]] = {}
     errors: dict[str, manifests.JobError] = {}
@@ -128,7 +152,7 @@ def parse_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: Ou
         try:
             job = parse_message(message.body)
             if job is None:  # s3:TestEvent: nothing to do, delete it
-                outcomes[message_id] = MessageOutcome(message_id, True, reason="ignored: s3:TestEvent")
+                ignored[message_id] = "ignored: s3:TestEvent"
                 continue
             if job.prefix is not None:
                 job, pages, error = _expand(message_id, job, pipeline, output, deadline, continuations)
@@ -139,14 +163,13 @@ def parse_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: Ou
             jobs[message_id] = job
         except MessageError as error:
             log.warning("bad message", extra={"message_id": message_id, "code": error.code, "reason": error.message})
-            outcomes[message_id] = MessageOutcome(message_id, False, reason=f"{error.code}: {error.message}")
+            failed[message_id] = f"{error.code}: {error.message}"
         except DeadlineReached as stop:
-            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id if job else None, reason=str(stop))
+            failed[message_id] = str(stop)
         except Exception as error:  # noqa: BLE001 - listing or sending pages failed: retry the message later
             log.warning("job expansion failed", extra={"message_id": message_id, "reason": str(error)})
-            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id if job else None,
-                                                  reason=f"expand: {type(error).__name__}: {error}")
-    return jobs, outcomes, pages_of, errors
+            failed[message_id] = f"expand: {type(error).__name__}: {error}"
+    return jobs, failed, ignored, pages_of, errors
 
 
 def _expand(message_id: str, job: Job, pipeline: Pipeline, output: OutputSettings, deadline: Deadline | None,
@@ -180,7 +203,7 @@ def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output:
     """Parse the messages and classify the photos of every job in one pipeline pass; with a
     ``deadline``, stop taking new work when it is reached (the unfinished messages fail)."""
     started = time.perf_counter()
-    jobs, outcomes, pages, errors = parse_messages(messages, pipeline, output, deadline, continuations)
+    jobs, failed, ignored, pages, errors = parse_messages(messages, pipeline, output, deadline, continuations)
     requests = {message_id: requests_of(message_id, job) for message_id, job in jobs.items()}
     answers: list[Answer] = []
     try:
@@ -193,22 +216,21 @@ def classify_messages(messages: list[QueuedMessage], pipeline: Pipeline, output:
                 answers += pipeline.answer(mine, deadline=deadline)
             except Exception as error:  # noqa: BLE001 - fails this message only (retried later)
                 log.exception("classification failed", extra={"message_id": message_id})
-                outcomes[message_id] = MessageOutcome(message_id, False, jobs[message_id].job_id,
-                                                      reason=f"classify: {type(error).__name__}: {error}")
+                failed[message_id] = f"classify: {type(error).__name__}: {error}"
     answers_of: dict[str, list[Answer]] = {message_id: [] for message_id in jobs}
     for answer in answers:
         answers_of[answer.request.message_id].append(answer)
     items_of: dict[str, list] = {}
-    for message_id, job in jobs.items():
-        if message_id in outcomes:
+    for message_id in jobs:
+        if message_id in failed:
             continue
         items, reason = _items(requests[message_id], answers_of[message_id])
         if reason is None:
             items_of[message_id] = items
         else:
-            outcomes[message_id] = MessageOutcome(message_id, False, job.job_id, reason=reason)
+            failed[message_id] = reason
     photos = len({_photo_key(r.ref) for mine in requests.values() for r in mine})
-    return ClassifiedBatch(list(messages), jobs, items_of, outcomes, photos, started, pages, errors)
+    return ClassifiedBatch(list(messages), jobs, items_of, failed, photos, started, pages, errors, ignored)
 
 
 def _items(requests: list[PhotoRequest], answers: list[Answer]) -> tuple[list, str | None]:
@@ -230,35 +252,66 @@ def _photo_key(ref) -> tuple:
     return (ref.bucket, ref.key, ref.version_id or None)
 
 
-def write_manifest(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, output: OutputSettings
-                   ) -> MessageOutcome:
-    """The per-message step: the outcome of one message of a classified batch, its manifest
-    written when it has one (the record handler of a batch processor)."""
-    if message_id in batch.outcomes:
-        return batch.outcomes[message_id]
-    job = batch.jobs[message_id]
-    try:
-        return _write(batch, message_id, pipeline, output)
-    except Exception as error:  # noqa: BLE001 - manifest write failed: retry later
-        log.exception("manifest write failed", extra={"message_id": message_id})
-        return MessageOutcome(message_id, False, job.job_id, reason=f"write: {error}")
+def write_manifest(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, output: OutputSettings) -> dict:
+    """The record handler's work for one message of a classified batch: write its manifest and
+    say where; raises :class:`MessageFailed` for a message that failed before (and whatever a
+    failed PUT raises): the batch processor counts the record as failed."""
+    if message_id in batch.failed:
+        raise MessageFailed(batch.failed[message_id])
+    if message_id in batch.ignored:
+        return {"reason": batch.ignored[message_id]}
+    job, items = batch.jobs[message_id], batch.items_of[message_id]
+    where = _manifest_uri(job, job.job_id, output)
+    if where is None:
+        return {"job_id": job.job_id, "reason": "no photos in this event"}
+    bucket, key = where
+    document = manifests.build_manifest(
+        job.job_id, job.source, pipeline.classifier.model_info, items,
+        continuations=[_continuation(job, page, output) for page in batch.pages.get(message_id, ())],
+        error=batch.errors.get(message_id))
+    manifests.write_manifest(pipeline.s3, bucket, key, document, jsonl=output.jsonl)
+    return {"job_id": job.job_id, "manifest": f"s3://{bucket}/{key}", "counts": dict(document.counts),
+            "timings_ms": _stage_totals(items)}
 
 
-def write_manifests(batch: ClassifiedBatch, pipeline: Pipeline, output: OutputSettings) -> BatchOutcome:
-    """One manifest per classified job, written concurrently; the outcome of every message."""
-    ids = [m.message_id for m in batch.messages]
-    # One PUT per message: written concurrently, so ten small jobs cost one round trip, not ten.
-    writing = max(1, min(MANIFEST_WRITERS, len(batch.items_of)))
-    with ThreadPoolExecutor(writing, thread_name_prefix="manifest") as writers:
-        outcomes = list(writers.map(lambda message_id: write_manifest(batch, message_id, pipeline, output), ids))
-    return BatchOutcome(outcomes, batch.images, time.perf_counter() - batch.started)
+def write_manifests(batch: ClassifiedBatch, pipeline: Pipeline, output: OutputSettings,
+                    records: list[dict] | None = None) -> BatchOutcome:
+    """Run the record handler over the batch's SQS records (default: built from its messages) with
+    Powertools' batch processor, at most ``MANIFEST_WRITERS`` PUTs at a time (so ten small jobs
+    cost one round trip, not ten); the processor's results and response."""
+    records = [m.record() for m in batch.messages] if records is None else records
+    processor = AsyncBatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    with ThreadPoolExecutor(MANIFEST_WRITERS, thread_name_prefix="manifest") as writers:
+        async def record_handler(record) -> dict:
+            return await asyncio.get_running_loop().run_in_executor(
+                writers, write_manifest, batch, record.message_id, pipeline, output)
+
+        with processor(records, record_handler):
+            results = processor.async_process()
+    failures = {record["messageId"]: error for record, (_, error, _) in zip(processor.fail_messages,
+                                                                           processor.exceptions)}
+    outcomes = []
+    for status, result, record in results:
+        message_id = record["messageId"]
+        job = batch.jobs.get(message_id)
+        if status == "success":
+            outcomes.append(MessageOutcome(message_id, True, **result))
+        else:
+            error = failures[message_id]
+            if not isinstance(error, MessageFailed):
+                log.error("manifest write failed", exc_info=error, extra={"message_id": message_id})
+            outcomes.append(MessageOutcome(message_id, False, job.job_id if job else None,
+                                           reason=str(error) if isinstance(error, MessageFailed) else f"write: {error}"))
+    return BatchOutcome(outcomes, batch.images, time.perf_counter() - batch.started, processor.response())
 
 
 def process_messages(messages: list[QueuedMessage], pipeline: Pipeline, output: OutputSettings,
                      deadline: Deadline | None = None, continuations: ContinuationSender | None = None,
-                     ) -> BatchOutcome:
-    """Classify the messages' photos, then write their manifests."""
-    return write_manifests(classify_messages(messages, pipeline, output, deadline, continuations), pipeline, output)
+                     records: list[dict] | None = None) -> BatchOutcome:
+    """Classify the messages' photos, then write their manifests (``records``: the messages' SQS
+    records, when they came in a Lambda event)."""
+    batch = classify_messages(messages, pipeline, output, deadline, continuations)
+    return write_manifests(batch, pipeline, output, records)
 
 
 def _manifest_uri(job: Job, job_id: str, output: OutputSettings) -> tuple[str, str] | None:
@@ -273,21 +326,6 @@ def _manifest_uri(job: Job, job_id: str, output: OutputSettings) -> tuple[str, s
 def _continuation(job: Job, page: Page, output: OutputSettings) -> manifests.Continuation:
     bucket, key = _manifest_uri(job, page.job_id, output)
     return manifests.Continuation(page.job_id, f"s3://{bucket}/{key}", len(page.keys), page.keys[0], page.keys[-1])
-
-
-def _write(batch: ClassifiedBatch, message_id: str, pipeline: Pipeline, output: OutputSettings) -> MessageOutcome:
-    job, items = batch.jobs[message_id], batch.items_of[message_id]
-    where = _manifest_uri(job, job.job_id, output)
-    if where is None:
-        return MessageOutcome(message_id, True, job.job_id, reason="no photos in this event")
-    bucket, key = where
-    document = manifests.build_manifest(
-        job.job_id, job.source, pipeline.classifier.model_info, items,
-        continuations=[_continuation(job, page, output) for page in batch.pages.get(message_id, ())],
-        error=batch.errors.get(message_id))
-    manifests.write_manifest(pipeline.s3, bucket, key, document, jsonl=output.jsonl)
-    return MessageOutcome(message_id, True, job.job_id, f"s3://{bucket}/{key}", counts=dict(document.counts),
-                          timings_ms=_stage_totals(items))
 
 
 def _stage_totals(items) -> dict[str, float]:

@@ -57,7 +57,7 @@ from worker.jobs import (
 from worker.messages import MessageError, parse_message
 from worker.observability import logger, metrics, metrics_for_batch, metrics_for_stages
 from worker.pipeline import Pipeline
-from worker.sqs import SQS_BATCH, send_entries  # noqa: F401 - SQS_BATCH re-exported
+from worker.sqs import SQS_BATCH, send_entries, sqs_record  # noqa: F401 - SQS_BATCH re-exported
 
 
 @dataclass(frozen=True)
@@ -355,14 +355,15 @@ class Poller:
                                  self.output, continuations=self.continuations)
 
     def finish(self, received: list[dict], classified: ClassifiedBatch, classify_s: float | None = None) -> BatchOutcome:
-        """Write the manifests, delete the messages that succeeded, and make the failed ones
-        visible again after ``retry_delay``; log and count the batch's stage times (``classify_s``:
-        how long its classification took)."""
+        """Write the manifests (the batch processor over the received messages as SQS records),
+        delete exactly the records that succeeded, and make the failed ones visible again after
+        ``retry_delay``; log and count the batch's stage times (``classify_s``: how long its
+        classification took)."""
         s = self.settings
         started = time.perf_counter()
         handles = {m["MessageId"]: m["ReceiptHandle"] for m in received}
         try:
-            outcome = write_manifests(classified, self.pipeline, self.output)
+            outcome = write_manifests(classified, self.pipeline, self.output, [sqs_record(m) for m in received])
         finally:
             self.in_flight.discard(handles)  # first: no renewal may land after a delete or hand back
         done = [{"Id": str(i), "ReceiptHandle": handles[mid]} for i, mid in enumerate(outcome.succeeded_ids)]

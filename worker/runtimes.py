@@ -48,6 +48,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from worker.artifact.contract import SERVE_SIGNATURE, ArtifactError
+
 __all__ = [
     "AGREEMENT_THRESHOLD",
     "AUTO",
@@ -244,8 +246,6 @@ def load(artifact_path: Path, entry: RuntimeEntry, *, input_size, num_classes: i
     """``predict(float32 (n, H, W, 3) RGB 0..255) -> (n, outputs)``: the ``num_classes`` breed
     probabilities, then (``outputs == num_classes + 1``) the dog score. ``outputs`` defaults to
     ``num_classes``; 0 skips the width check."""
-    from worker.artifact import ArtifactError
-
     path = Path(artifact_path) / entry.path
     threads = threads or serving_threads()
     if entry.runtime == TF:
@@ -329,8 +329,6 @@ def with_fallback(primary, secondary, below_margin: float, *, breed_columns: int
 
 def _load_tf(model_dir: Path, input_size, threads: int):
     import tensorflow as tf  # lazy: only the tf runtime needs TensorFlow
-
-    from worker.artifact import SERVE_SIGNATURE, ArtifactError
 
     try:  # only possible before TensorFlow's runtime starts (first model load in this process)
         tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from worker.artifact import MANIFEST_FILE, SIGNATURE_FILE, ArtifactError
+from worker.artifact.contract import MANIFEST_FILE, SIGNATURE_FILE, ArtifactError
 
 __all__ = [
     "ALGORITHMS",

@@ -57,3 +57,11 @@ def queue_url_of_arn(arn: str) -> str:
     _, partition, _, region, account, name = parts
     domain = "amazonaws.com.cn" if partition == "aws-cn" else "amazonaws.com"
     return f"https://sqs.{region}.{domain}/{account}/{name}"
+
+
+def sqs_record(message: dict, queue_arn: str | None = None) -> dict:
+    """A message of a ``receive_message`` response as the SQS record of a Lambda event, so the
+    poller feeds the same batch processor as the Lambda handler."""
+    return {"messageId": message["MessageId"], "receiptHandle": message["ReceiptHandle"], "body": message["Body"],
+            "attributes": message.get("Attributes", {}), "messageAttributes": message.get("MessageAttributes", {}),
+            "md5OfBody": message.get("MD5OfBody", ""), "eventSource": "aws:sqs", "eventSourceARN": queue_arn or ""}

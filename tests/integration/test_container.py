@@ -28,13 +28,14 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import pytest
 
-from infra.local_stack import MotoServer, create_stack, free_port
-from tests.conftest import COLOUR_BREEDS, colour_photo
+from infra.local_stack import create_stack, free_port
+from tests.conftest import COLOUR_BREEDS, colour_photo, threaded_moto_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 IMAGE = os.environ.get("DOGBREEDS_CONTAINER_IMAGE")
@@ -61,11 +62,24 @@ def rie_binary() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class LocalMoto:
+    """The moto server the containers talk to (host network: 127.0.0.1 is this machine)."""
+
+    endpoint: str
+
+    def environment(self) -> dict[str, str]:
+        """Variables that point boto3 (and the worker in the container) at this server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+                "AWS_DEFAULT_REGION": REGION}
+
+
 @pytest.fixture(scope="module")
 def moto():
+    """A thread of the test process is enough: no test here stops the server mid-run."""
     assert shutil.which(ENGINE), f"{ENGINE} is not installed"
-    with MotoServer() as server:
-        yield server
+    with threaded_moto_server() as endpoint:
+        yield LocalMoto(endpoint)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,7 +119,7 @@ def clients(moto):
 
 def deployed_stack(moto, artifact: Path, name: str, max_receive_count: int = 5):
     """The local stand-in of infra/template.yaml, with the model published under models/."""
-    from worker.artifact import upload_artifact
+    from trainer.registry import upload_artifact
 
     s3, sqs = clients(moto)
     stack = create_stack(s3, sqs, bucket=name, queue=name, max_receive_count=max_receive_count)

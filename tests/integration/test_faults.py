@@ -285,7 +285,7 @@ TAMPERS = {
 
 
 def test_a_tampered_model_artifact_is_refused_never_served(stack, colour_artifact, tmp_path):
-    from worker.artifact import upload_artifact
+    from trainer.registry import upload_artifact
 
     s3, sqs, queue = stack["s3"], stack["sqs"], stack["queue"]
     model = upload_artifact(colour_artifact, f"s3://{BUCKET}/models", s3=s3)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import pickle
+import re
 import struct
 import time
 import warnings
@@ -18,8 +18,6 @@ from PIL import Image, ImageFile
 from worker import images
 from worker.images import (
     DEFAULT_FIT,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
     ERROR_CODES,
     FITS,
     MODEL_INPUT_SIZE,
@@ -92,26 +90,36 @@ def assert_close(pixel, expected, tol: int) -> None:
 # --------------------------------------------------------------------------
 # API surface
 # --------------------------------------------------------------------------
-def test_constants_and_error_codes():
-    assert DEFAULT_MAX_BYTES == 50 * 1024 * 1024
-    assert DEFAULT_MAX_PIXELS == 64_000_000
-    assert MODEL_INPUT_SIZE == (224, 224)
-    assert set(ERROR_CODES) == {
-        "empty",
-        "too_many_bytes",
-        "not_an_image",
-        "unsupported_format",
-        "truncated",
-        "too_many_pixels",
-        "corrupt",
-    }
-    assert all(isinstance(v, str) and v and "\n" not in v for v in ERROR_CODES.values())
-    limits = DecodeLimits()
-    assert (limits.max_bytes, limits.max_pixels) == (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        limits.max_bytes = 1  # frozen
+def documented_decode_error_codes() -> set[str]:
+    """The decode error codes README.md's manifest section lists ("Item error codes: from
+    decoding, `empty`, ...; from S3, ...")."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("Item error codes:", 1)[1].split("from S3", 1)[0]
+    assert "from decoding" in section
+    return set(re.findall(r"`([a-z_]+)`", section))
+
+
+def test_decode_error_codes_are_the_documented_ones():
+    """Manifest readers (the report, operators' scripts) switch on these codes: a new code, or a
+    renamed one, must reach the documentation of the manifest."""
+    assert set(ERROR_CODES) == documented_decode_error_codes()
     with pytest.raises(ValueError):
-        DecodeLimits(max_pixels=0)
+        ImageDecodeError("undocumented_code", "an error no manifest reader knows")
+
+
+def test_default_limits_refuse_just_past_the_documented_bounds():
+    """README: 50 MiB and 64 megapixels by default."""
+    assert error_code(b"\xff\xd8\xff" + bytes(50 * 1024 * 1024 - 2)) == "too_many_bytes"
+    assert error_code(hand_made_png(64_000_001, 1)) == "too_many_pixels"  # header only: nothing is decoded
+    assert error_code(b"\xff\xd8\xff" + bytes(50 * 1024 * 1024 - 3)) != "too_many_bytes"  # exactly 50 MiB: read
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "64"])
+def test_decode_limits_must_be_positive_ints(bad):
+    with pytest.raises(ValueError):
+        DecodeLimits(max_pixels=bad)
+    with pytest.raises(ValueError):
+        DecodeLimits(max_bytes=bad)
 
 
 def test_image_decode_error_fields_and_pickle():

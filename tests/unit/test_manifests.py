@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from worker.manifests import (
     MANIFEST_SCHEMA_VERSION,
@@ -48,14 +50,55 @@ def items():
 # pure functions
 # --------------------------------------------------------------------------- #
 
-def test_manifest_key_is_deterministic():
+def test_manifest_key_layout():
     assert manifest_key("results/", "job-1") == "results/job-1.json"
     assert manifest_key("results", "job-1") == "results/job-1.json"
     assert manifest_key("results//", "job-1", jsonl=True) == "results/job-1.jsonl"
-    assert manifest_key("a/b/", "0123abcd") == manifest_key("a/b/", "0123abcd")
     assert manifest_key("", "job-1") == "job-1.json"
     with pytest.raises(ValueError):
         manifest_key("results/", "../escape")
+
+
+SAFE_JOB_IDS = st.from_regex(r"[A-Za-z0-9._-]{1,128}", fullmatch=True).filter(lambda s: s not in (".", ".."))
+
+
+@st.composite
+def job_id_pairs(draw):
+    """Two safe job ids: unrelated, equal, or neighbours (one character changed, added or dropped,
+    anywhere, long ids included) that a truncating or normalising key would merge."""
+    first = draw(st.one_of(SAFE_JOB_IDS, st.text("ab", min_size=100, max_size=128)))
+    at = draw(st.integers(0, len(first) - 1))
+    second = draw(st.sampled_from([
+        draw(SAFE_JOB_IDS), first, first[:at] + ("b" if first[at] != "b" else "c") + first[at + 1:],
+        first[:at] + first[at + 1:], (first + "x")[:128], first.upper(),
+    ]))
+    if not second or second in (".", ".."):
+        second = first
+    return first, second
+
+
+@given(prefix=st.sampled_from(["", "/", "results", "results/", "a/b//"]), ids=job_id_pairs(), jsonl=st.booleans())
+def test_manifest_keys_differ_exactly_when_job_ids_differ(prefix, ids, jsonl):
+    """Two jobs never share (overwrite) a manifest, and a job always finds its own again. A
+    redelivered message keeps its job id (tests/unit/test_messages.py: content-derived ids for S3
+    events, the sender's id for job messages), so it rewrites the same key."""
+    first, second = ids
+    a, b = manifest_key(prefix, first, jsonl=jsonl), manifest_key(prefix, second, jsonl=jsonl)
+    assert (a == b) == (first == second)
+    assert a.rsplit("/", 1)[-1] == f"{first}.{'jsonl' if jsonl else 'json'}"
+    assert not a.startswith("/") and "//" not in a
+
+
+@given(job_id=st.one_of(st.text(max_size=140), st.sampled_from([".", "..", "a/b", "../x", "x\n", "", "é"])))
+def test_an_accepted_job_id_is_exactly_one_key_segment(job_id):
+    """Whatever id a message carries, its manifest stays under the output prefix: the id is
+    refused, or it becomes one plain key segment (no '/', not '.' or '..', no control characters)."""
+    try:
+        key = manifest_key("results", job_id)
+    except ValueError:
+        return
+    assert key == f"results/{job_id}.json"
+    assert job_id not in ("", ".", "..") and "/" not in job_id and job_id.isprintable() and job_id.isascii()
 
 
 def test_build_manifest_sorts_items_and_counts():

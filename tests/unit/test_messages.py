@@ -1,4 +1,4 @@
-"""worker.messages: SQS bodies -> jobs; prefix expansion against moto S3."""
+"""worker.messages: SQS bodies -> jobs; worker.prefix_listing: prefix expansion against moto S3."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from worker.messages import (
     ImageRef,
     Job,
     MessageError,
-    expand_prefix_job,
     parse_message,
 )
+from worker.prefix_listing import expand_prefix_job
 
 BUCKET = "dog-photos"
 

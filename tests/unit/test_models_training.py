@@ -19,6 +19,8 @@ def ctx(**kw):
 
 def test_registry_names_and_unknown_family():
     assert set(models.MODEL_FAMILIES) == {"vgg16_transfer", "vgg16_finetune", "efficientnet_lite0_transfer",
+                                          "efficientnet_lite0_finetune", "efficientnet_lite0_imagenet_head",
+                                          "efficientnet_lite0_vgg16_transfer", "efficientnet_lite0_vgg16_imagenet_head",
                                           "vgg16_scratch_0", "vgg16_scratch_1"}
     with pytest.raises(ValueError, match="unknown model family"):
         models.get_family("resnet")
@@ -116,6 +118,34 @@ def test_finetune_head_starts_from_the_backbone_block5_weights_and_unfreezes_the
                           _tmp_dir(), epochs=1, fine_tune_epochs=1, patience=2, verbose=0)
     assert [p["phase"] for p in result.phases] == ["head", "fine_tune"]
     assert conv.trainable and not np.array_equal(before, conv.get_weights()[0])
+
+
+@pytest.mark.slow
+def test_lite0_finetune_head_continues_the_backbone_and_trains_its_convolutions_only():
+    """efficientnet_lite0_finetune: on block14's cached maps, the head's copy of the last MBConv
+    block and head convolution gives exactly the backbone's own output before training; phase two
+    trains those convolutions while their batch norms keep the ImageNet statistics."""
+    from trainer.backbones import build_backbone
+
+    # ImageNet weights: a randomly initialised Lite0 gives degenerate (constant) features
+    backbone, _ = build_backbone("efficientnet_lite0", weights="auto", input_shape=(64, 64, 3))
+    family = models.get_family("efficientnet_lite0_finetune")
+    x = (np.random.default_rng(0).uniform(0, 255, (12, 64, 64, 3)).astype("float32") - 127) / 128
+    maps = np.asarray(models.frozen_part(backbone, family.cut_layer)(x))
+    model = models.build(family.name, models.fixed_hyperparameters(), ctx(feature_shape=maps.shape[1:],
+                                                                          backbone=backbone))
+    continued = keras.Model(model.input, model.get_layer("head_relu").output)
+    np.testing.assert_allclose(np.asarray(continued(maps)), np.asarray(backbone(x)), atol=1e-5)
+    bn, conv = model.get_layer("head_bn"), model.get_layer("head_conv")
+    bn_before, conv_before = [w.copy() for w in bn.get_weights()], conv.get_weights()[0].copy()
+    data = training.TrainingData(maps, np.arange(12) % 4, maps[:4], np.arange(4), 4)
+    result = training.fit(family, model, data, {"lr": 1e-3, "fine_tune_lr": 1e-3}, _tmp_dir(), epochs=1,
+                          fine_tune_epochs=1, patience=2, verbose=0)
+    assert [p["phase"] for p in result.phases] == ["head", "fine_tune"]
+    assert conv.trainable and not np.array_equal(conv_before, conv.get_weights()[0])
+    assert not bn.trainable
+    for before, after in zip(bn_before, bn.get_weights()):
+        np.testing.assert_array_equal(before, after)
 
 
 def _tmp_dir():

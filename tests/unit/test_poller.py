@@ -13,7 +13,7 @@ import json
 import threading
 from collections import deque
 
-from worker.jobs import ClassifiedBatch, MessageOutcome, OutputSettings, QueuedMessage
+from worker.jobs import ClassifiedBatch, OutputSettings, QueuedMessage
 from worker.manifests import ItemResult
 from worker.pipeline import Answer
 from worker.poller import Heartbeat, Poller, PollerSettings
@@ -302,7 +302,7 @@ def test_a_renewal_in_flight_never_lands_after_a_hand_back():
     beating.start()
     assert sqs.renewal_started.wait(WAIT)
     failed = ClassifiedBatch([QueuedMessage("m0", received[0]["Body"])], {}, {},
-                             {"m0": MessageOutcome("m0", False, reason="transient: test")}, 0, 0.0)
+                             {"m0": "transient: test"}, 0, 0.0)
     poller.finish(received, failed)
     beating.join(WAIT)
     assert [v for r, v in sqs.visibility if r == "r0"] == [30, 7]  # the hand back is the last word

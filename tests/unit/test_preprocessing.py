@@ -206,10 +206,18 @@ def test_unknown_backbone_and_choice_rejected():
 # --------------------------------------------------------------------------
 # build_preprocessing
 # --------------------------------------------------------------------------
-def test_preprocessing_descriptions_cover_choices():
-    assert set(PREPROCESSING_CHOICES) == {"vgg", "equalize+vgg", "seed"}
-    assert set(PREPROCESSING_DESCRIPTIONS) == set(PREPROCESSING_CHOICES)
-    assert all(isinstance(v, str) and v for v in PREPROCESSING_DESCRIPTIONS.values())
+@pytest.mark.parametrize("command", ["fit", "tune"])
+def test_the_cli_offers_exactly_the_preprocessings_that_build(command):
+    """dogbreeds-train keeps its own list of --preprocessing choices: a choice it offers that
+    build_preprocessing refuses would fail only after the photos are decoded; one it forgets could
+    never be trained. Each offered choice is explained in the option's help."""
+    from trainer.cli import main as train_cli
+
+    option = next(p for p in train_cli.commands[command].params if p.name == "preprocessing")
+    assert set(option.type.choices) == set(PREPROCESSING_CHOICES) == set(PREPROCESSING_DESCRIPTIONS)
+    for choice in option.type.choices:
+        assert f"{choice}:" in option.help, choice
+        assert isinstance(build_preprocessing(choice, "vgg16"), keras.Sequential)
 
 
 def test_build_preprocessing_choices(photos):

@@ -14,15 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.artifact import (
-    ArtifactError,
-    Label,
-    advance_latest,
-    new_version,
-    upload_artifact,
-    version_order,
-    write_artifact,
-)
+from trainer.artifact_writer import label_from_folder, new_version, write_artifact
+from trainer.registry import advance_latest, upload_artifact, version_order
+from worker.artifact import ArtifactError
 
 BUCKET = "registry"
 LATEST = "models/tiny/latest"
@@ -35,7 +29,7 @@ def fake_artifact(root: Path, version: str, card: str = "# tiny") -> Path:
     model.mkdir(parents=True)
     (model / "saved_model.pb").write_bytes(b"not a real graph " + card.encode())
     dest = root / f"tiny-{version}-{abs(hash(card))}"
-    write_artifact(dest, model_dir=model, labels=[Label.from_folder(0, "n02085620-Chihuahua")],
+    write_artifact(dest, model_dir=model, labels=[label_from_folder(0, "n02085620-Chihuahua")],
                    manifest_fields={"name": "tiny", "version": version, "backbone": "none", "input_size": [8, 8]},
                    model_card=card)
     return dest

@@ -117,15 +117,37 @@ def test_environment_variable(monkeypatch):
     assert select(_all(), available=everything).key == "openvino-int8"
 
 
-def test_settings_and_threads(monkeypatch):
+def test_worker_environment_names_the_runtime():
     from worker.settings import WorkerEnvironment
 
     assert WorkerEnvironment.from_env({}).runtime == "auto"
     assert WorkerEnvironment.from_env({"DOGBREEDS_RUNTIME": "tf"}).runtime == "tf"
+
+
+def test_serving_threads_follow_dogbreeds_threads_then_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5, 7}, raising=False)
     monkeypatch.setenv(runtimes.THREADS_ENV, "3")
     assert runtimes.serving_threads() == 3
+    monkeypatch.setenv(runtimes.THREADS_ENV, "0")
+    assert runtimes.serving_threads() == 1  # never zero threads
     monkeypatch.delenv(runtimes.THREADS_ENV)
-    assert runtimes.serving_threads() >= 1
+    # a worker pinned to 3 of a machine's 64 CPUs (taskset, a cpuset container) runs 3 threads
+    assert runtimes.serving_threads() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # no affinity API (macOS): the CPU count
+    assert runtimes.serving_threads() == 64
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity API on this platform")
+def test_serving_threads_see_a_real_cpu_affinity(monkeypatch):
+    monkeypatch.delenv(runtimes.THREADS_ENV, raising=False)
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # this thread only, restored below
+        assert runtimes.serving_threads() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert runtimes.serving_threads() == len(allowed)
 
 
 def test_fallback_cascade_reruns_only_the_close_calls():

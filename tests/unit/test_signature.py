@@ -25,9 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import COLOUR_BREEDS, colour_photo
+from trainer.registry import upload_artifact
 from trainer.signing import FileSigner, KmsSigner, generate_key_pair, sign_artifact, signer_from
 from worker import runtimes
-from worker.artifact import ArtifactError, load_artifact, sha256_file, upload_artifact
+from worker.artifact import ArtifactError, sha256_file
+from worker.artifact.loading import load_artifact
 from worker.signature import (
     SignatureError,
     TrustedKey,
@@ -436,7 +438,7 @@ def test_the_worker_logs_what_it_serves_and_warns_when_unverified(signed, keys, 
 def test_registries_carry_the_signature(signed, keys, s3, tmp_path):
     """publish's two destinations keep manifest.sig beside manifest.json: a local registry and S3
     (whose cached copy then verifies offline, and a worker without a key caches it too)."""
-    from worker.artifact import copy_to_local_registry
+    from trainer.registry import copy_to_local_registry
 
     version = copy_to_local_registry(signed, tmp_path / "registry")
     assert (version / "manifest.sig").read_bytes() == (signed / "manifest.sig").read_bytes()
