@@ -207,8 +207,8 @@ def serving_threads() -> int:
     """Inference threads: ``$DOGBREEDS_THREADS``, else the CPUs this process may run on."""
     from worker.settings import env_int
 
-    threads = env_int(THREADS_ENV, 0)
-    if threads:
+    threads = env_int(THREADS_ENV, None)
+    if threads is not None:
         return max(1, threads)
     try:
         return max(1, len(os.sched_getaffinity(0)))

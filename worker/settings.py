@@ -131,7 +131,8 @@ class WorkerSettings(BaseModel):
 WorkerEnvironment = WorkerSettings
 
 
-def env_int(variable: str, default: int, *, minimum: int | None = None, env: Mapping[str, str] | None = None) -> int:
+def env_int(variable: str, default: int | None, *, minimum: int | None = None,
+            env: Mapping[str, str] | None = None) -> int | None:
     """An integer setting read outside :class:`WorkerSettings` (e.g. by the runtimes when a model
     loads): unset or empty gives ``default``; a bad value is a :class:`SettingsError` naming it."""
     raw = (os.environ if env is None else env).get(variable, "").strip()

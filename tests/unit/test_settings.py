@@ -30,7 +30,8 @@ CLI_NUMERIC = {"classify": ["batch_size", "download_threads", "top_k", "decode_b
 ARGS = {"classify": ["--model", "m", "src"], "run": ["--model", "m", "--queue-url", "q"],
         "predict": ["--model", "m", "photo.jpg"]}
 values = st.one_of(st.integers(-10**12, 10**12).map(str), st.floats(allow_nan=True).map(str),
-                   st.text(max_size=12), st.sampled_from(["abc", "1e3", " 7 ", "0x10", "16.5", "-1", "0", "∞"]))
+                   st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
+                   st.sampled_from(["abc", "1e3", " 7 ", "0x10", "16.5", "-1", "0", "∞"]))
 
 
 def cli_value(command: str, field: str, value: str):
