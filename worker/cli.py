@@ -222,8 +222,8 @@ def run(model_uri, output_bucket, output_prefix, batch_size, download_threads, t
     """Consume the queue: S3 event notifications or job messages in, one manifest per message
     out. While one batch is classified the next is received and the previous one's manifests
     are written (a message is deleted only after its manifest is). SIGTERM/SIGINT finish the
-    current batch, hand back the one received ahead, then stop. Logs are JSON lines; metrics
-    are CloudWatch EMF lines."""
+    current batch, hand back the one received ahead, then stop. Logs follow --log-format
+    (readable lines on a terminal, JSON lines otherwise); metrics are CloudWatch EMF lines (JSON only)."""
     from worker.jobs import OutputSettings
     from worker.poller import Poller, PollerSettings
     from worker.settings import client
