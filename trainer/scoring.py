@@ -152,6 +152,11 @@ def fit_dog_check(prepared, run_dir: Path, method: str = "auto") -> dict:
         log.warning("dog check: %s has no frozen backbone features to put a dog head on; no dog check",
                     prepared.family.name)
         return {}
+    if prepared.family.parts:
+        log.warning("dog check: %s mixes several backbones' features; the dog head reads one backbone's pooled "
+                    "features, so this model has NO dog check (serve a single-backbone model where photos without "
+                    "a dog can arrive)", prepared.family.name)
+        return {}
     if method == "imagenet-dog-mass":
         return _imagenet_dog_mass(prepared)
     folder = find_not_dog_folder(prepared.config)

@@ -58,8 +58,13 @@ def test_published_mixed_model_runs_both_backbones_and_matches_the_head(mixed_ru
     served, _ = inference_model(run_dir)
     head = keras.models.load_model(run_dir / "model.keras", compile=False)
     photos = prepared.test.pixels.astype(np.float32)
-    expected = head.predict(prepared.x_test, verbose=0)
+    from trainer.calibration import apply_temperature
+
+    # the served model is the head's softmax with the run's temperature (no dog column: a mixed
+    # family has no dog check)
+    expected = apply_temperature(head.predict(prepared.x_test, verbose=0), run["calibration"]["temperature"])
     np.testing.assert_allclose(served.predict(photos, verbose=0), expected, atol=2e-3)
+    assert not run["dog_check"]
     names = " ".join(layer.name for layer in served.layers)
     assert "efficientnet_lite0" in names and "vgg16" in names and "mixed_features" in names
 
@@ -82,9 +87,12 @@ def test_flip_tta_run_is_evaluated_and_served_on_the_photo_and_its_mirror_image(
         evaluation = json.loads((tmp_path / "evaluation.json").read_text())
         assert evaluation["top1"] == pytest.approx(float((expected.argmax(1) == prepared.test.labels).mean()))
         assert run["config"]["flip_tta"] is True
+        from trainer.calibration import apply_temperature
+
         served, _ = inference_model(tmp_path)
-        assert served.layers[-1].name == "flip_tta"
-        np.testing.assert_allclose(served.predict(pixels.astype(np.float32), verbose=0), expected, atol=2e-3)
+        assert "flip_tta" in [layer.name for layer in served.layers]
+        np.testing.assert_allclose(served.predict(pixels.astype(np.float32), verbose=0),
+                                   apply_temperature(expected, run["calibration"]["temperature"]), atol=2e-3)
     finally:
         prepared.config.flip_tta = False
 
