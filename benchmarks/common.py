@@ -5,7 +5,8 @@ Children (each a fresh process, so one runtime's threads and memory never leak i
 
 - ``python benchmarks/common.py bare --model M --runtime R --batches 1,8,16 --seconds S``: images/s of
   ``predict`` on decoded photos in memory (optionally also the probabilities of a photo listing,
-  ``--probs BASE``: reads ``BASE.json``, writes ``BASE.<runtime>.npy``);
+  ``--probs BASE``: reads ``BASE.json``, writes ``BASE.<runtime>.npy``, the breed scores only: a
+  model with a dog check has its dog score after them, which top-1 must not pick);
 - ``python benchmarks/common.py worker <dogbreeds-worker argv>``: the worker's own CLI, unchanged, with
   clocks on its S3/SQS calls (botocore event hooks on boto3's default session: nothing inside the
   worker is patched), so the parent can time first receive -> last manifest and count requests.
@@ -400,7 +401,8 @@ def child_bare(argv: list[str]) -> None:
         paths = json.loads(Path(args.probs + ".json").read_text())
         probs = []
         for i in range(0, len(paths), 16):
-            probs.append(loaded.predict(decode(paths[i:i + 16], (w, h), loaded.manifest.input_fit).astype(np.float32)))
+            out_ = loaded.predict(decode(paths[i:i + 16], (w, h), loaded.manifest.input_fit).astype(np.float32))
+            probs.append(out_[:, :len(loaded.labels)])  # the breeds: not the dog score column after them
         np.save(args.probs + f".{loaded.runtime}.npy",
                 np.concatenate(probs) if probs else np.zeros((0, len(loaded.labels)), np.float32))
     out["tensorflow_imported"] = "tensorflow" in sys.modules

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from trainer.sampling import wilson_interval
 from worker import runtimes
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,15 @@ def available() -> bool:
     return runtimes.is_available("openvino")
 
 
-def predict_all(predict, pixels: np.ndarray, batch: int = BATCH) -> np.ndarray:
-    """``predict`` over ``pixels`` in batches of ``batch`` (float32), concatenated."""
-    return np.concatenate([predict(pixels[i:i + batch].astype(np.float32)) for i in range(0, len(pixels), batch)])
+def predict_all(predict, pixels: np.ndarray, batch: int = BATCH, desc: str | bool | None = None) -> np.ndarray:
+    """``predict`` over ``pixels`` in batches of ``batch`` (float32), concatenated; with ``desc``,
+    a progress bar (stderr) of that name."""
+    with tqdm(total=len(pixels), desc=desc, unit="img", disable=not desc, leave=False) as bar:
+        out = []
+        for i in range(0, len(pixels), batch):
+            out.append(predict(pixels[i:i + batch].astype(np.float32)))
+            bar.update(len(out[-1]))
+    return np.concatenate(out)
 
 
 def agreement(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None = None,
@@ -84,7 +92,9 @@ def agreement(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | Non
         reference, probs, labels = reference[dogs], probs[dogs], np.asarray(labels)[dogs]
     ref_top, top = reference.argmax(1), probs.argmax(1)
     agree = float((ref_top == top).mean()) if len(top) else 0.0
+    low, high = wilson_interval(int((ref_top == top).sum()), len(top))
     out = {"reference": "tf", "photos": int(len(top)), "top1_agreement": round(agree, 4),
+           "top1_agreement_95": [round(low, 4), round(high, 4)],
            "threshold": threshold, "passed": bool(len(top) > 0 and agree >= threshold),
            "max_abs_prob_diff": round(float(np.abs(reference - probs).max()) if len(top) else 0.0, 4)}
     if labels is not None and len(top):
@@ -164,7 +174,8 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
                             variants: Sequence[str] = VARIANTS, threads: int | None = None,
                             keep_float: Sequence[str] = ("head",), int8_fallback: bool = True,
                             heldout_split: str = "val+test", num_classes: int | None = None,
-                            dog_threshold: float | None = None) -> tuple[dict[str, Path], dict]:
+                            dog_threshold: float | None = None, sample: dict | None = None,
+                            progress: bool = True) -> tuple[dict[str, Path], dict]:
     """Convert ``saved_model_dir`` (the artifact's SavedModel) to OpenVINO variants under
     ``out_dir``; measure each against ``reference`` (fp32 probabilities of ``heldout``; computed
     with the SavedModel when None). Returns (artifact-relative path -> file, manifest runtimes
@@ -176,20 +187,29 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
     the plain int8 one. ``num_classes``: the model's output has a dog score column after the
     breeds (the artifact's dog check, threshold ``dog_threshold``): top-1 is measured on the
     breeds of the dog photos (label >= 0), the dog decision on every held-out photo, and the
-    cascade also re-runs the photos whose int8 dog score is close to the threshold."""
+    cascade also re-runs the photos whose int8 dog score is close to the threshold.
+
+    Each set is predicted once per model: the fp32 reference of ``heldout`` serves every variant,
+    and the cascade's held-out outputs are not run again but composed from the int8 and bf16
+    ones with the worker's own rule (:func:`worker.runtimes.fallback_rows`). ``sample``: how
+    ``heldout`` was drawn from the split (trainer.sampling), recorded beside each agreement.
+    ``progress``: a bar for every prediction pass (stderr)."""
     import openvino as ov
 
     out_dir = Path(out_dir)
     heldout = np.asarray(heldout)
     calibration = np.asarray(calibration)[:MAX_CALIBRATION]
     input_size = list(heldout.shape[1:3])
+    cascade = int8_fallback and "int8" in variants and "bf16" in variants and len(calibration) > 0
     predict_tf = None
-    if reference is None or (int8_fallback and "int8" in variants):
+    if reference is None or cascade:
         tf_entry = runtimes.RuntimeEntry("tf", "tf", ".", "fp32")
         predict_tf = runtimes.load(Path(saved_model_dir), tf_entry, input_size=input_size, num_classes=0, threads=threads)
     if reference is None:
-        reference = predict_all(predict_tf, heldout)
+        log.info("publish: fp32 reference on %d held-out photos", len(heldout))
+        reference = predict_all(predict_tf, heldout, desc=progress and "fp32 reference (held-out)")
 
+    log.info("publish: converting the SavedModel to OpenVINO")
     started = time.perf_counter()
     model = ov.convert_model(str(saved_model_dir))
     converted_s = time.perf_counter() - started
@@ -204,6 +224,7 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
             if len(calibration) == 0:
                 log.warning("no calibration photos: skipping the int8 variant")
                 continue
+            log.info("publish: int8 quantisation calibrated on %d photos", len(calibration))
             variant = quantize_int8(model, calibration, keep_float=keep_float)
             ov.save_model(variant, str(out_dir / folder / "model.xml"), compress_to_fp16=False)
             extra["quantization"] = {
@@ -229,41 +250,47 @@ def build_openvino_variants(saved_model_dir: Path, out_dir: Path, *, calibration
         return agreement(reference_probs, probs, heldout_labels, num_classes=num_classes, dog_threshold=dog_threshold)
 
     with_dog = num_classes is not None and dog_threshold is not None
-    for precision, spec in built.items():  # measure them as the worker runs them
+    outputs: dict[str, np.ndarray] = {}
+    # bf16 first: the int8 cascade's held-out outputs are int8's, with bf16's on the photos it re-runs
+    for precision in sorted(built, key=lambda p: p == "int8"):  # measure them as the worker runs them
+        spec = built[precision]
         key = f"openvino-{precision}"
         build_s = spec.pop("build_s")
-        xml = out_dir / spec["path"]
-        predict = runtimes.load_openvino_model(xml, precision, threads=threads)
+        predict = runtimes.load_openvino_model(out_dir / spec["path"], precision, threads=threads)
         started = time.perf_counter()
-        probs = predict_all(predict, heldout)
-        if precision == "int8" and int8_fallback and "bf16" in built:
+        log.info("publish: %s on %d held-out photos", key, len(heldout))
+        probs = outputs[precision] = predict_all(predict, heldout, desc=progress and f"{key} (held-out)")
+        if precision == "int8" and cascade and "bf16" in outputs:
             plain = measure(reference, probs)
-            calibration_ref, calibration_int8 = predict_all(predict_tf, calibration), predict_all(predict, calibration)
+            log.info("publish: fp32 and int8 on %d calibration photos (the cascade's margins)", len(calibration))
+            calibration_ref = predict_all(predict_tf, calibration, desc=progress and "fp32 (calibration)")
+            calibration_int8 = predict_all(predict, calibration, desc=progress and "int8 (calibration)")
             c = num_classes or calibration_ref.shape[1]
             margin = fallback_margin(calibration_ref[:, :c], calibration_int8[:, :c])
             spec["fallback"] = {"path": built["bf16"]["path"], "precision": "bf16", "below_margin": margin,
                                 "rule": f"photos whose int8 top-2 margin is below {margin} (the 99th percentile of "
                                         "int8's shift of the fp32 top-2 margin on the calibration photos) are "
                                         "re-run in bf16"}
+            dog_margin = 0.0
             if with_dog:
                 dog_margin = dog_fallback_margin(calibration_ref[:, c], calibration_int8[:, c])
                 spec["fallback"].update(dog_threshold=dog_threshold, dog_below_margin=dog_margin)
                 spec["fallback"]["rule"] += (f"; so are those whose int8 dog score is within {dog_margin} of the dog "
                                              "threshold (the 99th percentile of int8's shift of the dog score)")
-            cascade = runtimes.with_fallback(predict, runtimes.load_openvino_model(out_dir / built["bf16"]["path"], "bf16",
-                                                                                   threads=threads), margin,
-                                             breed_columns=num_classes,
-                                             dog_threshold=dog_threshold if with_dog else None,
-                                             dog_margin=spec["fallback"].get("dog_below_margin", 0.0))
-            probs = predict_all(cascade, heldout)
-            spec["fallback"]["heldout_fallback_rate"] = round(cascade.fallbacks / max(1, cascade.calls), 4)
+            rerun = runtimes.fallback_rows(probs, margin, breed_columns=num_classes,
+                                           dog_threshold=dog_threshold if with_dog else None, dog_margin=dog_margin)
+            probs = np.where(rerun[:, None], outputs["bf16"], probs)
+            spec["fallback"]["heldout_fallback_rate"] = round(float(rerun.mean()) if len(rerun) else 0.0, 4)
             spec["int8_only_agreement"] = {k: plain[k] for k in ("photos", "top1_agreement", "passed",
                                                                  "dog_check_agreement") if k in plain}
         seconds = time.perf_counter() - started
         measured = measure(reference, probs)
         measured["photos_split"] = heldout_split
+        if sample:
+            measured["sample"] = sample
         entries[key] = {**spec, "agreement": measured,
                         "publish_seconds": {"build": round(build_s, 1), "agreement": round(seconds, 1)}}
         log.info("%s: top-1 agreement %.2f%% on %d photos (%s)", key, 100 * measured["top1_agreement"],
                  measured["photos"], "passed" if measured["passed"] else "FAILED")
+    entries = {f"openvino-{p}": entries[f"openvino-{p}"] for p in built}  # the manifest keeps the variants' order
     return files, entries

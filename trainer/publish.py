@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from trainer import artifact_writer, models, registry
+from trainer import artifact_writer, models, registry, sampling
 from trainer import preprocessing as _registered_layers  # noqa: F401  (custom layers for keras.models.load_model)
 from trainer.experiment import load_run
 from worker import artifact, images
@@ -185,17 +185,22 @@ def run_fit(run: dict) -> str:
     return run["config"].get("image_fit", images.LEGACY_FIT)
 
 
-def _run_photos(run_dir: Path, run: dict, parts: tuple[str, ...], size: int) -> tuple[np.ndarray, np.ndarray]:
+def _run_photos(run_dir: Path, run: dict, parts: tuple[str, ...], size: int, limit: int | None = None,
+                desc: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Decoded photos (uint8) and class indices of some split parts of a run (split.json +
-    the run config's data folder or S3 prefix; unreadable photos are skipped)."""
+    the run config's data folder or S3 prefix; unreadable photos are skipped), and how they were
+    drawn: with ``limit``, a sample stratified by breed (trainer.sampling), chosen before
+    anything is decoded."""
     from trainer.data import DatasetIndex, Photo, load_photos
 
     split = json.loads((Path(run_dir) / "split.json").read_text())
     relative = [r for part in parts for r in split.get(part, [])]
+    chosen = relative if limit is None else sampling.stratified_sample(relative, limit)
     dataset = DatasetIndex(source=run["config"]["data"], classes=list(run["classes"]),
-                           photos=[Photo(r, r.split("/", 1)[0]) for r in relative])
-    loaded = load_photos(dataset, dataset.photos, size=(size, size), progress=False, fit=run_fit(run))
-    return loaded.pixels, loaded.labels
+                           photos=[Photo(r, r.split("/", 1)[0]) for r in chosen])
+    loaded = load_photos(dataset, dataset.photos, size=(size, size), progress=desc is not None, desc=desc or "decode",
+                         fit=run_fit(run))
+    return loaded.pixels, loaded.labels, sampling.sample_description(len(chosen), len(relative))
 
 
 def _not_dog_photos(run: dict, size: int, calibration_photos: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -218,11 +223,14 @@ def _not_dog_photos(run: dict, size: int, calibration_photos: int = 60) -> tuple
 
 def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_dir: Path,
                           heldout_parts: tuple[str, ...] = ("val", "test"),
-                          dog_threshold: float | None = None) -> tuple[dict, dict]:
+                          dog_threshold: float | None = None,
+                          max_agreement_photos: int | None = sampling.MAX_AGREEMENT_PHOTOS) -> tuple[dict, dict]:
     """OpenVINO int8/bf16 variants (trainer.fast_runtimes) of the exported SavedModel: int8
-    calibrated on the run's training photos; agreement with fp32 measured on its validation +
-    test photos (``heldout_parts``). Returns (extra files, manifest runtimes entries); ({}, {}) when OpenVINO is
-    not installed or the conversion fails (the artifact then serves with TensorFlow only)."""
+    calibrated on (at most 300 of) the run's training photos, stratified by breed; agreement
+    with fp32 measured on its validation + test photos (``heldout_parts``; a stratified sample
+    of ``max_agreement_photos`` when there are more, its size and error bound recorded).
+    Returns (extra files, manifest runtimes entries); ({}, {}) when OpenVINO is not installed or
+    the conversion fails (the artifact then serves with TensorFlow only)."""
     from trainer import fast_runtimes
 
     if not fast_runtimes.available():
@@ -230,21 +238,25 @@ def fast_runtime_variants(run_dir: Path, run: dict, saved_model_dir: Path, work_
         return {}, {}
     size = int(run["config"]["image_size"])
     try:
-        calibration, _ = _run_photos(run_dir, run, ("train",), size)
-        heldout, labels = _run_photos(run_dir, run, tuple(heldout_parts), size)
+        extra_calibration = extra_heldout = np.zeros((0, size, size, 3), np.uint8)
         if dog_threshold is not None:  # photos without a dog: int8 must see them and keep their decision
             extra_calibration, extra_heldout = _not_dog_photos(run, size)
-            calibration = np.concatenate([calibration[:fast_runtimes.MAX_CALIBRATION - len(extra_calibration)],
-                                          extra_calibration])
-            heldout = np.concatenate([heldout, extra_heldout])
-            labels = np.concatenate([labels, np.full(len(extra_heldout), -1, labels.dtype)])
+        calibration, _, _ = _run_photos(run_dir, run, ("train",), size,
+                                        limit=fast_runtimes.MAX_CALIBRATION - len(extra_calibration),
+                                        desc="decode calibration photos")
+        heldout, labels, sample = _run_photos(run_dir, run, tuple(heldout_parts), size,
+                                              limit=max_agreement_photos, desc="decode held-out photos")
+        calibration = np.concatenate([calibration, extra_calibration])
+        heldout = np.concatenate([heldout, extra_heldout])
+        labels = np.concatenate([labels, np.full(len(extra_heldout), -1, labels.dtype)])
         if len(heldout) == 0:
             log.warning("no held-out photos to measure agreement on: publishing the TensorFlow model only")
             return {}, {}
         return fast_runtimes.build_openvino_variants(saved_model_dir, work_dir, calibration=calibration,
                                                      heldout=heldout, heldout_labels=labels,
                                                      heldout_split="+".join(heldout_parts),
-                                                     num_classes=len(run["classes"]), dog_threshold=dog_threshold)
+                                                     num_classes=len(run["classes"]), dog_threshold=dog_threshold,
+                                                     sample=sample)
     except Exception:  # noqa: BLE001 - a faster variant is optional; the SavedModel always ships
         log.exception("building the OpenVINO variants failed: publishing the TensorFlow model only")
         return {}, {}

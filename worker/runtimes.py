@@ -292,6 +292,18 @@ def top2_margin(probs: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
+def fallback_rows(out: np.ndarray, below_margin: float, *, breed_columns: int | None = None,
+                  dog_threshold: float | None = None, dog_margin: float = 0.0) -> np.ndarray:
+    """The cascade's rule (:func:`with_fallback`), per row of a primary runtime's outputs: True
+    where the top-2 margin over the breeds is below ``below_margin`` or, with ``dog_threshold``,
+    the dog score (the column after the ``breed_columns`` breeds) is within ``dog_margin`` of it."""
+    breeds = out[:, :breed_columns] if breed_columns else out
+    close = top2_margin(breeds) < below_margin
+    if dog_threshold is not None and breed_columns and out.shape[1] > breed_columns:
+        close |= np.abs(out[:, breed_columns] - dog_threshold) < dog_margin
+    return close
+
+
 def with_fallback(primary, secondary, below_margin: float, *, breed_columns: int | None = None,
                   dog_threshold: float | None = None, dog_margin: float = 0.0):
     """A cascade: ``primary`` (e.g. int8) for every photo; the photos whose top-2 margin is
@@ -299,15 +311,12 @@ def with_fallback(primary, secondary, below_margin: float, *, breed_columns: int
     with ``secondary`` (e.g. bf16) and take its answer. With ``breed_columns`` the margin is
     taken over the first columns only (the breeds; the last is the dog score), and with
     ``dog_threshold`` the photos whose dog score is within ``dog_margin`` of it are re-run too
-    (quantisation noise could flip the dog decision). ``run.calls``/``run.fallbacks`` count
-    photos."""
+    (quantisation noise could flip the dog decision): :func:`fallback_rows`.
+    ``run.calls``/``run.fallbacks`` count photos."""
 
     def close_calls(out: np.ndarray) -> np.ndarray:
-        breeds = out[:, :breed_columns] if breed_columns else out
-        close = top2_margin(breeds) < below_margin
-        if dog_threshold is not None and breed_columns and out.shape[1] > breed_columns:
-            close |= np.abs(out[:, breed_columns] - dog_threshold) < dog_margin
-        return close
+        return fallback_rows(out, below_margin, breed_columns=breed_columns, dog_threshold=dog_threshold,
+                             dog_margin=dog_margin)
 
     def run(x: np.ndarray) -> np.ndarray:
         probs = primary(x)

@@ -82,3 +82,32 @@ def test_the_clock_starts_at_the_first_receive_that_brought_messages():
     clock._after(http_response=SimpleNamespace(status_code=200), parsed={"Messages": [{}]},
                  model=model("ReceiveMessage"), context={})
     assert first is not None and clock.first_receive == first and clock.messages_received == 3
+
+
+def test_benchmark_predictions_are_the_breed_scores_not_the_dog_score(dog_check_artifact, tmp_path):
+    """benchmarks/throughput.py and cost.py take top-1 as argmax over a child's saved predictions:
+    the dog score column of a model with a dog check must not be among them (it beat every breed
+    on most dog photos: 38% "top-1" for a 90% model)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.common import ROOT, parse_result
+    from tests.conftest import COLOUR_BREEDS, colour_photo
+
+    paths = []
+    for i, rgb in enumerate(COLOUR_BREEDS.values()):
+        path = tmp_path / f"{i}.jpg"
+        Image.open(io.BytesIO(colour_photo(rgb, seed=500 + i))).save(path)
+        paths.append(str(path))
+    base = tmp_path / "probs"
+    base.with_suffix(".json").write_text(json.dumps(paths))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "common.py"), "bare", "--model",
+                           str(dog_check_artifact["path"]), "--runtime", "openvino-bf16", "--batches", "",
+                           "--probs", str(base)], capture_output=True, text=True, timeout=300, check=True)
+    assert parse_result(done.stdout)["runtime"] == "openvino-bf16"
+    probs = np.load(f"{base}.openvino-bf16.npy")
+    assert probs.shape == (len(paths), len(COLOUR_BREEDS))
+    assert probs.argmax(1).tolist() == list(range(len(COLOUR_BREEDS)))

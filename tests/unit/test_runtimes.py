@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import COLOUR_BREEDS, FAST_SIZE, colour_data, colour_photo
 from worker import runtimes
@@ -170,6 +172,25 @@ def test_fallback_cascade_reruns_only_the_close_calls():
     assert (run.calls, run.fallbacks) == (4, 2)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(2, 5), st.floats(0, 0.6), st.booleans(), st.floats(0, 0.3), st.integers(0, 2**31))
+def test_the_cascade_is_the_primary_with_the_secondary_on_the_fallback_rows(n, breeds, margin, dog, dog_margin, seed):
+    """Publishing composes the cascade's outputs as np.where(fallback_rows, secondary, primary):
+    that must be exactly what running with_fallback gives, rows, dog score and counts."""
+    rng = np.random.default_rng(seed)
+    width = breeds + (1 if dog else 0)
+    primary_out = rng.dirichlet(np.ones(width), n).astype(np.float32)
+    primary_out[rng.random(n) < 0.3, :2] = 0.4  # exact ties and near ties
+    secondary_out = rng.random((n, width)).astype(np.float32)
+    kwargs = {"breed_columns": breeds if dog else None, "dog_threshold": 0.5 if dog else None, "dog_margin": dog_margin}
+    cascade = runtimes.with_fallback(lambda x: primary_out[x[:, 0, 0, 0].astype(int)].copy(),
+                                     lambda x: secondary_out[x[:, 0, 0, 0].astype(int)].copy(), margin, **kwargs)
+    x = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((n, 1, 1, 3), np.float32)
+    rows = runtimes.fallback_rows(primary_out, margin, **kwargs)
+    np.testing.assert_array_equal(cascade(x), np.where(rows[:, None], secondary_out, primary_out))
+    assert cascade.fallbacks == int(rows.sum())
+
+
 def test_fallback_margin_is_a_quantile_of_the_margin_shift():
     from trainer.fast_runtimes import fallback_margin
 
@@ -206,6 +227,35 @@ def test_publish_records_variants_with_measured_agreement(fast_colour_artifact):
     assert quantization["calibration_photos"] == 60
     xml = (fast_colour_artifact / "model-openvino-int8" / "model.xml").read_text()
     assert "FakeQuantize" in xml  # really quantised
+
+
+@pytest.mark.parametrize("rule", ["every_row", "no_row"])
+def test_publish_composes_the_cascade_from_the_variants_it_measured(fast_colour_artifact, tmp_path, monkeypatch, rule):
+    """The cascade's recorded agreement is composed from the int8 and bf16 passes, row by row
+    with the worker's rule: re-running every row must record exactly bf16's agreement, none
+    exactly plain int8's."""
+    from trainer import fast_runtimes
+
+    monkeypatch.setattr(runtimes, "fallback_rows", lambda out, *a, **k: np.full(len(out), rule == "every_row"))
+    x, _ = colour_data(20)
+    heldout, labels = colour_data(10, seed0=100)
+    heldout, labels = heldout[labels != 1], labels[labels != 1]  # int8 right on half of them, bf16 on none
+
+    def fake_variant(xml, precision, threads=None):  # int8 answers breed 0, bf16 breed 1: told apart in the record
+        return lambda batch: np.eye(len(COLOUR_BREEDS), dtype=np.float32)[[0 if precision == "int8" else 1] * len(batch)]
+
+    monkeypatch.setattr(runtimes, "load_openvino_model", fake_variant)
+    _, entries = fast_runtimes.build_openvino_variants(fast_colour_artifact / "model", tmp_path, calibration=x,
+                                                       heldout=heldout, heldout_labels=labels, threads=1,
+                                                       progress=False)
+    cascade, int8_only = entries["openvino-int8"]["agreement"], entries["openvino-int8"]["int8_only_agreement"]
+    assert entries["openvino-int8"]["fallback"]["heldout_fallback_rate"] == (1.0 if rule == "every_row" else 0.0)
+    bf16 = entries["openvino-bf16"]["agreement"]
+    assert int8_only["top1_agreement"] != bf16["top1_agreement"]
+    if rule == "every_row":
+        assert cascade == bf16
+    else:
+        assert {k: cascade[k] for k in int8_only} == int8_only
 
 
 def _int8_weights(op) -> bool:
