@@ -379,6 +379,11 @@ def _load_tf(model_dir: Path, input_size, threads: int):
 # --------------------------------------------------------------------------- OpenVINO
 
 _OPENVINO_HINTS = {"bf16": "bf16", "fp16": "f16"}  # anything else (int8, fp32): f32 for the float parts
+# OpenVINO pins its stream threads to cores by default, counting from the first core it may use: two
+# one-thread pollers on one host then both ran on core 0 while core 1 idled (benchmarks/fleet.py: 2
+# pollers 27.4 images/s, the same as 1). The OS scheduler places them (and the worker's download and
+# decode threads) instead; a process restricted with sched_setaffinity stays within its CPUs.
+_NO_PINNING = {"ENABLE_CPU_PINNING": False}
 
 
 def load_openvino_model(xml_path: Path, precision: str = "fp32", *, threads: int | None = None, max_streams: int = 8):
@@ -400,7 +405,7 @@ def load_openvino_model(xml_path: Path, precision: str = "fp32", *, threads: int
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(f"{xml_path}: expected one input and one output, got {len(model.inputs)}/{len(model.outputs)}")
     compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": streams, "NUM_STREAMS": streams,
-                                                 "INFERENCE_PRECISION_HINT": hint})
+                                                 "INFERENCE_PRECISION_HINT": hint, **_NO_PINNING})
     requests = [compiled.create_infer_request() for _ in range(streams)]
     single: list = []  # [request] of the one-stream compilation, made on first use
     lock = threading.Lock()
@@ -408,7 +413,8 @@ def load_openvino_model(xml_path: Path, precision: str = "fp32", *, threads: int
     def run_one(x: np.ndarray) -> np.ndarray:
         if not single:
             one = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                    "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint})
+                                                    "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint,
+                                                    **_NO_PINNING})
             single.append(one.create_infer_request())
         single[0].infer({0: x}, share_inputs=True)
         return np.array(single[0].get_output_tensor(0).data, dtype=np.float32, copy=True)

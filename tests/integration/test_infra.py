@@ -299,3 +299,15 @@ def test_the_templates_notification_rules_deliver_photos_under_incoming_to_the_q
             keys += [unquote_plus(r["s3"]["object"]["key"]) for r in json.loads(m["Body"])["Records"]]
             sqs.delete_message(QueueUrl=queue, ReceiptHandle=m["ReceiptHandle"])
     assert sorted(keys) == sorted(photos)
+
+
+def test_the_default_memory_size_is_the_cost_tables(template):
+    """The template's default MemorySize follows the README's cost table (benchmarks/cost.py
+    --markdown states it): at least one full vCPU (1,769 MB) and what the table printed."""
+    import re
+
+    default = template["Parameters"]["MemorySize"]["Default"]
+    readme = (ROOT / "README.md").read_text()
+    printed = re.search(r"The template's default `MemorySize` is the largest of the column: \*\*(\d+) MB\*\*", readme)
+    assert printed, "the README has no cost table printed by benchmarks/cost.py --markdown"
+    assert default == int(printed.group(1)) >= 1769

@@ -258,6 +258,13 @@ def test_publish_composes_the_cascade_from_the_variants_it_measured(fast_colour_
         assert {k: cascade[k] for k in int8_only} == int8_only
 
 
+def test_openvino_leaves_thread_placement_to_the_os(fast_colour_artifact):
+    """OpenVINO pins stream threads to cores counting from the first it may use, so two one-thread
+    pollers on one host both ran on core 0 (benchmarks/fleet.py: 2 pollers no faster than 1)."""
+    predict = runtimes.load_openvino_model(fast_colour_artifact / "model-openvino-int8" / "model.xml", "int8", threads=1)
+    assert predict._compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
 def _int8_weights(op) -> bool:
     """Whether a Convolution/MatMul runs int8: weights Constant(i8) -> Convert -> Multiply(scale)."""
     import openvino as ov
