@@ -550,3 +550,13 @@ def test_draft_decode_close_to_full_decode_for_large_jpeg():
     full = resize_image(decode_image(data))
     assert fast.shape == full.shape == (224, 224, 3)
     assert np.abs(fast.astype(np.int16) - full.astype(np.int16)).mean() < 3
+
+
+def test_s3_error_codes_are_the_documented_ones():
+    """The S3 item error codes (worker.pipeline.PERMANENT_S3_ERRORS) are listed in the README's
+    manifest section too ("...; from S3, `not_found`, ...")."""
+    from worker.pipeline import PERMANENT_S3_ERRORS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("Item error codes:", 1)[1].split("from S3", 1)[1].split("What fails a message", 1)[0]
+    assert set(PERMANENT_S3_ERRORS.values()) <= set(re.findall(r"`([a-z_]+)`", section))
