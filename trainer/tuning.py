@@ -111,6 +111,10 @@ def tune(prepared: Prepared, out_dir: Path, *, kind: str = "random", max_trials:
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = prepared.context()
     family_name = prepared.config.model
+    # before any trial's model is built: its initial weights (and dropout) then follow the run's seed,
+    # not whatever used the global RNGs earlier in this process (as fit does; a trial's first epochs
+    # are scored too, so its initial weights move the search's scores)
+    keras.utils.set_random_seed(prepared.config.seed)
 
     def hypermodel(hp):
         return models.build(family_name, hp, ctx)
