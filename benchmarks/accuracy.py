@@ -128,6 +128,8 @@ STEPS = [
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-ls0", hp=(("label_smoothing", 0.0),), chosen="-"),
     # fine-tuning Lite0's last MBConv block and head convolution at 320 px, with augmented copies
     Row("efficientnet_lite0_finetune", "vgg", 320, 1, "subset", chosen="val"),
+    # fine-tuning VGG16's block5 (its first three convolutions) at 320 px, with augmented copies
+    Row("vgg16_finetune", "vgg", 320, 1, "subset", chosen="val"),
     # EfficientNet-Lite0 and VGG16 features side by side
     Row("efficientnet_lite0_vgg16_transfer", "vgg", 320, 1, "subset"),
     Row("efficientnet_lite0_vgg16_transfer", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
