@@ -263,4 +263,4 @@ def dog_check_artifact(tmp_path_factory) -> dict:
                          "calibration": {"temperature": DOG_CHECK_TEMPERATURE}},
         model_card="# colours-dogcheck\nA tiny test model with a dog check and a temperature.\n", extra_files=files)
     return {"path": dest, "breed_model": breed_model, "dog_head": dog_head, "frozen": frozen,
-            "threshold": threshold, "heldout": heldout, "heldout_labels": labels}
+            "threshold": threshold}

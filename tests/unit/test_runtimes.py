@@ -219,6 +219,8 @@ def test_publish_records_variants_with_measured_agreement(fast_colour_artifact):
         assert agreement["photos"] == 30 and agreement["threshold"] == 0.99
         assert agreement["top1_agreement"] >= 0.99 and agreement["passed"] is True
         assert agreement["top1"] >= agreement["fp32_top1"] - 0.005
+        low, high = agreement["top1_agreement_95"]  # the Wilson interval of what 30 photos can tell
+        assert 0.85 < low < agreement["top1_agreement"] <= high <= 1.0
     fallback = manifest.runtimes["openvino-int8"]["fallback"]  # the int8 entry is an int8 -> bf16 cascade
     assert fallback["path"] == "model-openvino-bf16/model.xml" and fallback["precision"] == "bf16"
     assert 0.0 <= fallback["below_margin"] < 0.5 and 0.0 <= fallback["heldout_fallback_rate"] <= 1.0
