@@ -76,8 +76,9 @@ def main() -> None:
         if name in VARIANTS:
             overrides, flip, epochs, patience = VARIANTS[name]
         else:
-            overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in name.split(";"))}
-            flip, epochs, patience = False, 80, 8
+            items = name.split(";")
+            overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in items if item != "flip")}
+            flip, epochs, patience = "flip" in items, 80, 8
         started = time.perf_counter()
         cv = cross_validate(prepared, overrides, folds=args.folds, epochs=epochs, patience=patience, flip_tta=flip)
         results.append({"variant": name, "model": args.model, "size": args.size, "copies": args.copies,
