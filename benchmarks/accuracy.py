@@ -142,6 +142,11 @@ STEPS = [
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-l2sp0.3-flip", hp=(("l2sp", 0.3),),
         flip_tta=True),
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-l2sp1", hp=(("l2sp", 1.0),)),
+    # the stronger augmentation of the copies (trainer.features.AUGMENTATIONS), with L2-SP
+    Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-strong-l2sp0.3", hp=(("l2sp", 0.3),),
+        augmentation="strong"),
+    Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-strong-l2sp0.3-flip", hp=(("l2sp", 0.3),),
+        augmentation="strong", flip_tta=True),
 ]
 
 

@@ -89,7 +89,8 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(results, indent=1))
         if not args.json:
             r = results[-1]
-            print(f"{name:<28} cv top-1 {r['top1']:.2%}  loss {r['loss']:.4f}  folds "
+            print(f"{name:<28} cv top-1 {r['top1']:.2%}  loss {r['loss']:.4f}  calibrated loss "
+                  f"{r['loss_calibrated']:.4f} (T {r['temperature']:.2f})  folds "
                   f"{' '.join(f'{f:.3f}' for f in r['folds'])}  ({r['seconds']:.0f}s)", flush=True)
     if args.json:
         print(json.dumps(results, indent=1))

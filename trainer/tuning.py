@@ -65,8 +65,27 @@ def cross_validate(prepared: Prepared, hp_values: dict | kt.HyperParameters, *, 
         probs[held_idx] = fold_probs
         per_fold.append(float((fold_probs.argmax(1) == labels[held_idx]).mean()))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), labels], 1e-7, 1.0))))
-    return {"top1": float((probs.argmax(1) == labels).mean()), "loss": loss, "folds": per_fold, "photos": n,
-            "copies": copies, "flip_tta": bool(flip_tta)}
+    temperature, calibrated = temperature_scaled_loss(probs, labels)
+    return {"top1": float((probs.argmax(1) == labels).mean()), "loss": loss, "loss_calibrated": calibrated,
+            "temperature": temperature, "folds": per_fold, "photos": n, "copies": copies, "flip_tta": bool(flip_tta)}
+
+
+def temperature_scaled_loss(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(T, loss): the held-out negative log-likelihood after the one temperature that minimises it
+    (``softmax(log p / T)``). ``fit`` temperature-scales every model it publishes, so configurations
+    are compared on this loss: the raw loss also scores how over- or under-confident a head is,
+    which the temperature then removes (label smoothing, for one, makes heads underconfident)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(log_probs / np.exp(log_t), axis=1)[rows, labels].mean())
+
+    best = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(best.x)), float(best.fun)
 
 
 def _cross_validated(base: type) -> type:
