@@ -138,6 +138,7 @@ STEPS = [
     Row("efficientnet_lite0_vgg16_imagenet_head", "vgg", 320, 1, "subset", "-flip", flip_tta=True),
     # the ImageNet-initialised head held near its starting point by an L2-SP penalty (strength chosen by
     # CV loss: benchmarks/selection.py --variants defaults,l2sp=0.01,...), without and with flip TTA
+    Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-l2sp0", hp=(("l2sp", 0.0),)),
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-l2sp0.3", hp=(("l2sp", 0.3),)),
     Row("efficientnet_lite0_imagenet_head", "vgg", 320, 1, "subset", "-l2sp0.3-flip", hp=(("l2sp", 0.3),),
         flip_tta=True),
