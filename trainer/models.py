@@ -88,14 +88,23 @@ def _learning_rate(hp: kt.HyperParameters) -> float:
     return hp.Float("lr", min_value=1e-4, max_value=1e-2, sampling="log", default=1e-3)
 
 
+FEATURE_NORMS = ["batch", "l2"]
+
+
 def _dense_head(hp: kt.HyperParameters, x, num_classes: int):
     """Pooling (feature maps only: pooled features arrive as vectors), dropout, an optional
     hidden layer, softmax: the transfer head."""
     if len(x.shape) == 4:
         pooling = hp.Choice("pooling", [*POOLINGS, "flatten"], default="gem")
         x = layers.Flatten(name="flatten")(x) if pooling == "flatten" else global_pooling(pooling)(x)
-    # Backbone activations are large and uneven (VGG16's reach hundreds): normalise them.
-    x = layers.BatchNormalization(name="feature_norm")(x)
+    # Backbone activations are large and uneven (VGG16's reach hundreds): normalise them, per feature
+    # (batch normalisation) or per photo (the vector scaled to unit length, then by sqrt(width) so its
+    # entries keep about unit size: the L2 normalisation retrieval uses for GeM descriptors).
+    if hp.Choice("feature_norm", FEATURE_NORMS, default="batch") == "l2":
+        x = layers.UnitNormalization(name="feature_l2")(x)
+        x = layers.Rescaling(float(x.shape[-1]) ** 0.5, name="feature_norm")(x)
+    else:
+        x = layers.BatchNormalization(name="feature_norm")(x)
     x = layers.Dropout(hp.Float("dropout", 0.0, 0.7, step=0.1, default=0.5), name="dropout_0")(x)
     units = hp.Choice("units", [0, 256, 512, 1024], default=512)
     if units:

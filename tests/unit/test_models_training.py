@@ -9,6 +9,8 @@ import keras
 import keras_tuner as kt
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trainer import evaluation, features, models, training
 
@@ -265,3 +267,16 @@ def test_early_stopping_never_restores_an_epoch_of_the_warm_up(tmp_path):
     assert int(np.argmin(val_loss)) < warmup  # the trap is real: the lowest loss is in the warm-up
     assert result.phases[0]["best_epoch"] > warmup
     assert result.model.evaluate(x, data.one_hot(y), verbose=0)[1] >= 0.9  # a trained head was kept
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.01, 100.0), min_size=4, max_size=4))
+def test_l2_feature_norm_answers_each_photo_from_its_direction_alone(scales):
+    """``feature_norm=l2`` normalises each photo's vector, so scaling one photo's features leaves its
+    answer unchanged (batch normalisation, the default, would not: it normalises per feature)."""
+    x = np.random.default_rng(1).gamma(2.0, 30.0, (4, 512)).astype(np.float32)
+    head = models.build("vgg16_transfer", models.fixed_hyperparameters({"feature_norm": "l2", "units": 0}),
+                        models.BuildContext(num_classes=5, feature_shape=(512,)))
+    np.testing.assert_allclose(np.asarray(head(x * np.array(scales, np.float32)[:, None])), np.asarray(head(x)),
+                               rtol=1e-4, atol=1e-6)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in head.layers)
