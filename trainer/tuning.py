@@ -18,7 +18,7 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
-from trainer import models, training
+from trainer import calibration, models, training
 from trainer.experiment import Prepared
 
 TUNERS = ("random", "hyperband", "bayesian")
@@ -65,27 +65,13 @@ def cross_validate(prepared: Prepared, hp_values: dict | kt.HyperParameters, *, 
         probs[held_idx] = fold_probs
         per_fold.append(float((fold_probs.argmax(1) == labels[held_idx]).mean()))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(n), labels], 1e-7, 1.0))))
-    temperature, calibrated = temperature_scaled_loss(probs, labels)
+    # fit publishes temperature-scaled models, so configurations are compared on the held-out loss after
+    # the best single temperature too: the raw loss also scores how over- or under-confident a head is
+    # (label smoothing makes every head underconfident), which that temperature removes
+    temperature = calibration.fit_temperature(probs, labels)
+    calibrated = calibration.nll(calibration.apply_temperature(probs, temperature), labels)
     return {"top1": float((probs.argmax(1) == labels).mean()), "loss": loss, "loss_calibrated": calibrated,
             "temperature": temperature, "folds": per_fold, "photos": n, "copies": copies, "flip_tta": bool(flip_tta)}
-
-
-def temperature_scaled_loss(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(T, loss): the held-out negative log-likelihood after the one temperature that minimises it
-    (``softmax(log p / T)``). ``fit`` temperature-scales every model it publishes, so configurations
-    are compared on this loss: the raw loss also scores how over- or under-confident a head is,
-    which the temperature then removes (label smoothing, for one, makes heads underconfident)."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
-
-    log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
-    rows = np.arange(len(labels))
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(log_probs / np.exp(log_t), axis=1)[rows, labels].mean())
-
-    best = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
-    return float(np.exp(best.x)), float(best.fun)
 
 
 def _cross_validated(base: type) -> type:

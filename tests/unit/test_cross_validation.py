@@ -70,3 +70,17 @@ def test_cross_validated_tuner_scores_trials_by_cross_validation(tmp_path):
     rerun = cross_validate(prepared, best["hyperparameters"], folds=3, epochs=6, patience=6, batch_size=8)
     assert best["score"] == pytest.approx(rerun["top1"], abs=0.1)  # the score is a cross-validated top-1
     assert summary["best_hyperparameters"] == best["hyperparameters"]
+
+
+def test_cross_validation_scores_the_loss_after_temperature_scaling_too():
+    """A head trained with heavy label smoothing is underconfident: the held-out loss after the
+    fitted temperature (T < 1 sharpens) is below the raw loss, which also scores that underconfidence."""
+    rng = np.random.default_rng(1)
+    n = 60
+    labels = rng.integers(0, CLASSES, n).astype(np.int32)
+    centres = rng.normal(0, 3, (CLASSES, 16))
+    features = (centres[labels] + rng.normal(0, 1, (n, 16))).astype(np.float32)
+    result = cross_validate(fake_prepared(features, labels), {**FAST, "label_smoothing": 0.4}, folds=3, epochs=12,
+                            patience=12, batch_size=8)
+    assert result["top1"] > 0.9 and result["temperature"] < 0.8
+    assert result["loss_calibrated"] < result["loss"] - 0.05
